@@ -1,0 +1,144 @@
+"""EPO configuration: the knobs of epo-spec.md, its four presets, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+AGGREGATIONS = ("trajectory", "token")
+PENALTIES = ("squared", "hinge", "indicator")
+REFERENCES = ("global", "per_turn")
+
+
+class EPOConfigError(ValueError):
+    """A bad EPO setting. `field` names the EPOConfig field (the CLI flag is `--epo.<field>`)."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"epo.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class EPOConfig:
+    """All EPO knobs (epo-spec.md section 6). The defaults are the `seed` preset.
+
+    window_size: int = mean of the last W step statistics; None = cumulative mean of all of them.
+    warmup: no smoothing penalty until the history holds this many entries.
+    total_steps: K, the run's RL steps; None = derived by the host adapter.
+    """
+
+    lambda_entropy: float = 0.1
+    alpha: float = 0.1
+    kappa_left: float = 0.5
+    kappa_right: float = 1.5
+    gamma: float = 1.0
+    mid_fraction: float = 0.6
+    window_size: Optional[int] = 20
+    warmup: int = 5
+    aggregation: str = "trajectory"
+    penalty: str = "squared"
+    reference: str = "global"
+    total_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_preset(cls, name: str = "seed", **overrides: Any) -> "EPOConfig":
+        """The preset `name` with some fields overridden one by one; validated."""
+        if name not in PRESETS:
+            raise EPOConfigError("preset", name, f"allowed presets are {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EPOConfig":
+        """Build from a mapping of field names; an unknown key is an error naming it."""
+        known = field_names()
+        for key in values:
+            if key not in known:
+                raise EPOConfigError(key, values[key], f"unknown field; known fields are {', '.join(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise EPOConfigError naming the first field whose value is out of range or of the wrong type."""
+        for name in ("lambda_entropy", "alpha", "gamma"):
+            _check_real(name, getattr(self, name), "must be a finite number >= 0", lambda v: v >= 0)
+        _check_real("kappa_left", self.kappa_left, "must satisfy 0 <= kappa_left <= 1", lambda v: 0 <= v <= 1)
+        _check_real("kappa_right", self.kappa_right, "must be a finite number >= 1", lambda v: v >= 1)
+        if not self.kappa_left < self.kappa_right:
+            raise EPOConfigError(
+                "kappa_left", self.kappa_left, f"must be smaller than kappa_right={self.kappa_right!r}"
+            )
+        _check_real("mid_fraction", self.mid_fraction, "must satisfy 0 < mid_fraction <= 1", lambda v: 0 < v <= 1)
+        if self.window_size is not None:
+            _check_int("window_size", self.window_size, "must be an integer >= 1, or None for cumulative", 1)
+        _check_int("warmup", self.warmup, "must be an integer >= 0", 0)
+        if self.total_steps is not None:
+            _check_int("total_steps", self.total_steps, "must be an integer >= 1, or None to derive it", 1)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice("penalty", self.penalty, PENALTIES)
+        _check_choice("reference", self.reference, REFERENCES)
+        if self.reference == "per_turn" and self.penalty == "squared":
+            # The squared penalty acts on one batch scalar, which has no turn to take a reference from.
+            raise EPOConfigError(
+                "reference", self.reference, "per_turn needs a per-token penalty (hinge or indicator), not squared"
+            )
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(EPOConfig))
+
+
+def _check_real(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise EPOConfigError(name, value, allowed)
+
+
+def _check_int(name: str, value: Any, allowed: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EPOConfigError(name, value, allowed)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise EPOConfigError(name, value, f"allowed values are {', '.join(choices)}")
+
+
+_PAPER = dict(
+    lambda_entropy=0.001,
+    kappa_left=0.0,
+    kappa_right=2.0,
+    gamma=3.0,
+    mid_fraction=0.5,
+    window_size=None,
+    warmup=1,
+    total_steps=None,
+)
+
+# epo-spec.md section 6, one dict per column.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        lambda_entropy=0.1,
+        alpha=0.1,
+        kappa_left=0.5,
+        kappa_right=1.5,
+        gamma=1.0,
+        mid_fraction=0.6,
+        window_size=20,
+        warmup=5,
+        aggregation="trajectory",
+        penalty="squared",
+        reference="global",
+        total_steps=None,
+    ),
+    "paper-sciworld": dict(_PAPER, alpha=0.05, aggregation="trajectory", penalty="hinge", reference="global"),
+    "paper-alfworld": dict(_PAPER, alpha=0.1, aggregation="trajectory", penalty="hinge", reference="global"),
+    "released-code": dict(_PAPER, alpha=0.05, aggregation="token", penalty="indicator", reference="per_turn"),
+}

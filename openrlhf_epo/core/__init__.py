@@ -1,0 +1,33 @@
+"""Pure-torch EPO math (epo-spec.md). No OpenRLHF, Ray, DeepSpeed or pluggy import here."""
+
+from .aggregation import aggregate, aggregate_parts, aggregation_weights, turn_ids, turn_sums
+from .entropy import token_entropy
+from .history import MAX_TURNS, EntropyHistory, PerTurnEntropyHistory
+from .objective import (
+    IndicatorPenaltyWarning,
+    StepStatistic,
+    epo_loss,
+    epo_regularizer,
+    phase_weight,
+    step_statistic,
+    step_statistic_parts,
+)
+
+__all__ = [
+    "MAX_TURNS",
+    "EntropyHistory",
+    "IndicatorPenaltyWarning",
+    "PerTurnEntropyHistory",
+    "StepStatistic",
+    "aggregate",
+    "aggregate_parts",
+    "aggregation_weights",
+    "epo_loss",
+    "epo_regularizer",
+    "phase_weight",
+    "step_statistic",
+    "step_statistic_parts",
+    "token_entropy",
+    "turn_ids",
+    "turn_sums",
+]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs everything the tests and CPU runs need.
+# Safe to re-run: pip skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv"
+    "${PYTHON:-python3}" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+echo "[bootstrap] torch 2.13.0 (CPU build; a bare 'torch' requirement would pull a multi-GB CUDA build)"
+"${PIP[@]}" torch==2.13.0
+echo "[bootstrap] OpenRLHF 0.11.2 without flash-attn, plus what its CPU-importable modules need"
+DS_BUILD_OPS=0 "${PIP[@]}" -r requirements/cpu-host.txt
+"${PIP[@]}" --no-deps openrlhf==0.11.2
+echo "[bootstrap] openrlhf-epo (editable) and test tools"
+"${PIP[@]}" -e ".[test]"
+echo "[bootstrap] done: $(.venv/bin/python -c 'import torch, openrlhf_epo; print("torch", torch.__version__, "| openrlhf-epo", openrlhf_epo.__version__)')"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv (scripts/bootstrap.sh), then runs the whole pytest suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python -m pytest tests "$@"
