@@ -73,7 +73,9 @@ def epo_regularizer(
         batch is the whole batch.
     linearize_at: for the squared penalty with a `denominator`, the global detached L_H at which P is
         linearized, so that the shares' values and gradients sum to the global P and its gradient.
-    Returns (term: 0-d tensor, stats: dict of detached 0-d tensors).
+    Returns (term: 0-d tensor, stats: dict of detached 0-d tensors: entropy (this share of L_H),
+    den (local denominator), tokens, in_corridor_tokens, penalty (this share of P) and, for the
+    per-token penalties, penalty_num (the numerator of P, to add up across shares)).
     """
     if entropy.shape != action_mask.shape:
         raise ValueError(
@@ -123,7 +125,9 @@ def epo_regularizer(
             else:
                 warn_indicator_once()
                 per_token = ((h <= lower) | (h >= upper)).to(entropy.dtype)
-            penalty = (weights * per_token).sum() / den
+            penalty_num = (weights * per_token).sum()
+            stats["penalty_num"] = penalty_num.detach()
+            penalty = penalty_num / den
     stats["penalty"] = penalty.detach()
     term = -config.lambda_entropy * (bonus - beta * config.alpha * penalty)
     return term, stats

@@ -1,0 +1,112 @@
+"""What a loss plugin and a rollout post-processor provide. Host-neutral: no OpenRLHF import here.
+
+A loss plugin lives in two places:
+- the driver (launcher): its flags, their resolution into a plain config dict, and checks on the
+  host's arguments, all before Ray starts;
+- every training rank: a RankLoss built from the host's arguments and that plain config. Only the
+  plugin's NAME and the config dict cross process boundaries; each worker resolves the plugin
+  again through the entry points, so nothing depends on the driver's process state.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+
+class PluginError(Exception):
+    """A plugin could not be found, loaded or registered."""
+
+
+class PluginConfigError(ValueError):
+    """A bad plugin flag value; the message names the flag, the value and what is allowed."""
+
+
+@dataclass
+class RankContext:
+    """What the host gives a RankLoss on one training rank.
+
+    all_reduce_sum: sums a tensor in place over the data-parallel group (identity with one rank).
+    total_steps: K, the run's RL steps, derived from the host's arguments.
+    """
+
+    rank: int
+    dp_size: int
+    total_steps: int
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+
+
+class RankLoss:
+    """The rank-side part of a loss plugin; the host adapter drives it.
+
+    Call order per RL step: begin_step(); for each micro-batch policy_loss(...); end_step().
+    """
+
+    #: ask the host for per-token entropy H [B, A] (with gradient) of the policy on every micro-batch
+    needs_entropy: bool = False
+
+    def begin_step(self) -> None:
+        """An RL step's training starts on this rank."""
+
+    def policy_loss(
+        self,
+        host_outputs: tuple,
+        *,
+        action_mask: torch.Tensor,
+        entropy: Optional[torch.Tensor],
+        loss_batch_info: Mapping[str, Any],
+    ) -> tuple:
+        """Return the host's loss tuple with its first element (the loss) replaced; same arity."""
+        raise NotImplementedError
+
+    def end_step(self) -> dict[str, float]:
+        """An RL step's training ended on this rank; returns metrics (logged as train/<plugin>/<name>)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Plain state saved in the host's checkpoint (identical on every rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
+
+class LossPlugin:
+    """A loss plugin. Subclass it, set `name` and `version`, and register an instance through
+    the `register_loss_plugins` hook of a module listed under the `openrlhf_hooks` entry points."""
+
+    name: str = ""
+    version: str = "0"
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """Add this plugin's flags, each spelled `--<name>.<knob>`, with help text."""
+
+    def resolve_config(self, flags: Mapping[str, Any]) -> dict:
+        """Turn this plugin's parsed flags (knob -> value, None when not given) into a validated,
+        plain (JSON-serialisable) config; raise PluginConfigError naming the flag."""
+        return {}
+
+    def check_host(self, host_args: Any, config: Mapping[str, Any]) -> None:
+        """Raise PluginConfigError when host flags contradict the plugin (runs before Ray starts)."""
+
+    def host_summary(self, host_args: Any) -> dict:
+        """The host flags that matter to this plugin, for the dry run's JSON."""
+        return {}
+
+    def build_rank_loss(self, host_args: Any, config: Mapping[str, Any], context: RankContext) -> RankLoss:
+        """Build the rank-side loss on one training rank."""
+        raise NotImplementedError
+
+
+class RolloutProcessor:
+    """Per-rank processing of each experience batch before it enters the replay buffer
+    (e.g. turn ids from the action mask, reward scaling or clipping)."""
+
+    name: str = ""
+
+    def process(self, experience: Any, host_args: Any) -> Any:
+        """Return the (possibly modified) experience."""
+        return experience

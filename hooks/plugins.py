@@ -1,0 +1,126 @@
+"""The single plugin manager: entry-point discovery, registries, and loud errors.
+
+Plugins are modules listed under the entry-point group `openrlhf_hooks`; EPO registers itself there
+exactly like a third-party package. `OPENRLHF_HOOKS_PLUGINS` restricts what loads: unset = all,
+empty = none, else a comma list of entry-point names (each must exist).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Optional
+
+import pluggy
+
+from . import hookspecs
+from .api import LossPlugin, PluginError, RolloutProcessor
+
+ENTRY_POINT_GROUP = "openrlhf_hooks"
+ENV_PLUGINS = "OPENRLHF_HOOKS_PLUGINS"
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugin modules registered, by name."""
+
+    manager: pluggy.PluginManager
+    loss_plugins: dict[str, LossPlugin] = field(default_factory=dict)
+    rollout_processors: dict[str, RolloutProcessor] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # "loss:<name>" -> entry point that gave it
+
+    def loss_plugin(self, name: str) -> LossPlugin:
+        if name not in self.loss_plugins:
+            installed = ", ".join(sorted(self.loss_plugins)) or "none"
+            raise PluginError(f"unknown loss plugin {name!r}; installed loss plugins: {installed}")
+        return self.loss_plugins[name]
+
+    def rollout_processor(self, name: str) -> RolloutProcessor:
+        if name not in self.rollout_processors:
+            installed = ", ".join(sorted(self.rollout_processors)) or "none"
+            raise PluginError(f"unknown rollout processor {name!r}; installed rollout processors: {installed}")
+        return self.rollout_processors[name]
+
+
+def _selected_entry_points() -> list[metadata.EntryPoint]:
+    found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    by_name: dict[str, metadata.EntryPoint] = {}
+    for ep in found:
+        other = by_name.get(ep.name)
+        if other is not None and other.value != ep.value:
+            raise PluginError(
+                f"two installed plugins claim the entry point name {ep.name!r}: {other.value!r} and {ep.value!r}"
+            )
+        by_name[ep.name] = ep
+    wanted = os.environ.get(ENV_PLUGINS)
+    if wanted is None:
+        return [by_name[name] for name in sorted(by_name)]
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise PluginError(
+            f"{ENV_PLUGINS} names {', '.join(map(repr, missing))}, which no installed package provides "
+            f"under the {ENTRY_POINT_GROUP!r} entry points (installed: {', '.join(sorted(by_name)) or 'none'})"
+        )
+    return [by_name[n] for n in names]
+
+
+def load_plugins() -> Registry:
+    """Load the selected entry points, register them, check hook names, and collect registrations."""
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    for ep in _selected_entry_points():
+        try:
+            module = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} (entry point {ep.name} = {ep.value}) failed to import: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            manager.register(module, name=ep.name)
+        except ValueError as exc:
+            raise PluginError(f"plugin {ep.name!r} (entry point {ep.value}) could not be registered: {exc}") from exc
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"a plugin implements a hook that does not exist (misspelled?): {exc}") from exc
+
+    registry = Registry(manager)
+
+    def registrar(kind: str, table: dict, base: type, plugin_name: str):
+        def register(obj) -> None:
+            if not isinstance(obj, base):
+                raise PluginError(f"plugin {plugin_name!r} registered {obj!r}, which is not a {base.__name__}")
+            if not obj.name:
+                raise PluginError(f"plugin {plugin_name!r} registered a {base.__name__} without a name")
+            key = f"{kind}:{obj.name}"
+            if obj.name in table:
+                raise PluginError(
+                    f"two plugins claim the {kind} name {obj.name!r}: {registry.sources[key]!r} and {plugin_name!r}"
+                )
+            table[obj.name] = obj
+            registry.sources[key] = plugin_name
+
+        return register
+
+    # Each implementation is called on its own so a registration can be traced to its plugin.
+    for impl in manager.hook.register_loss_plugins.get_hookimpls():
+        source = manager.get_name(impl.plugin)
+        impl.function(register=registrar("loss", registry.loss_plugins, LossPlugin, source))
+    for impl in manager.hook.register_rollout_processors.get_hookimpls():
+        source = manager.get_name(impl.plugin)
+        impl.function(register=registrar("rollout processor", registry.rollout_processors, RolloutProcessor, source))
+    return registry
+
+
+_cached: Optional[Registry] = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded once per process (driver and every Ray worker)."""
+    global _cached
+    if _cached is None:
+        _cached = load_plugins()
+    return _cached

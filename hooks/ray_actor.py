@@ -1,0 +1,72 @@
+"""The training-rank Ray actor with the plugin inside: a subclass of OpenRLHF's PolicyModelActor.
+
+A Ray actor class cannot be subclassed, so this subclasses the plain class behind it
+(`__ray_actor_class__`) and re-decorates it exactly as the host does (`@ray.remote(num_gpus=1)`).
+Ray ships the class to workers by reference to this module, so every node needs the package
+installed; everything the plugin needs there comes from the host's args, never from the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import ray
+from openrlhf.trainer.ray import ppo_actor
+
+from .plugins import get_registry
+from .trainer import STATE_KEY, HookedTrainer, hooks_settings, install
+
+HostPolicyModelActor = ppo_actor.PolicyModelActor.__ray_actor_class__
+
+
+class HookedPolicyModelActor(HostPolicyModelActor):
+    """PolicyModelActor + the loss plugin and rollout processors named in the host's args."""
+
+    hooked: Optional[HookedTrainer] = None
+    rollout_processors: tuple = ()
+
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        result = super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        self.hooked = install(self.trainer, strategy, max_steps, self.checkpoint_states)
+        settings = hooks_settings(strategy.args) or {}
+        registry = get_registry()
+        self.rollout_processors = tuple(registry.rollout_processor(n) for n in settings.get("rollout_processors", ()))
+        return result
+
+    def append(self, experience):
+        for processor in self.rollout_processors:
+            experience = processor.process(experience, self.strategy.args)
+        return super().append(experience)
+
+    def fit(self, kl_ctl: float = 0):
+        if self.hooked is None:
+            return super().fit(kl_ctl)
+        self.hooked.begin_step()
+        status = super().fit(kl_ctl)
+        status.update(self.hooked.end_step())
+        return status
+
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
+        if self.hooked is not None:
+            client_states = {**(client_states or {}), STATE_KEY: self.hooked.state()}
+        return super().save_checkpoint(tag, client_states, metric_value=metric_value, metric_key=metric_key)
+
+    def hooks_report(self, args: Any = None) -> dict:
+        """Where and what runs: this worker's pid and node, and the plugin resolved here.
+
+        `args`: host args to resolve the plugin from before init_model_from_pretrained has run.
+        """
+        settings = hooks_settings(args if args is not None else self.strategy.args) or {}
+        name = settings.get("loss_plugin")
+        plugin = get_registry().loss_plugin(name) if name else None
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "loss_plugin": plugin.name if plugin else None,
+            "plugin_version": plugin.version if plugin else None,
+            "installed_in_trainer": self.hooked is not None,
+        }
+
+
+PolicyModelActor = ray.remote(num_gpus=1)(HookedPolicyModelActor)

@@ -1,0 +1,191 @@
+"""EPO as an openrlhf_hooks loss plugin, registered through the `openrlhf_hooks` entry point `epo`
+exactly as a third-party plugin would be."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from openrlhf_hooks.api import LossPlugin, PluginConfigError, RankContext, RolloutProcessor
+from openrlhf_hooks.hookspecs import hookimpl
+
+from . import __version__
+from .config import AGGREGATIONS, PENALTIES, PRESETS, REFERENCES, EPOConfig, EPOConfigError, field_names
+from .core import turn_ids
+from .core.objective import IndicatorPenaltyWarning
+from .rank import EPORankLoss
+
+_FLOAT_FIELDS = ("lambda_entropy", "alpha", "kappa_left", "kappa_right", "gamma", "mid_fraction")
+_HELP = {
+    "lambda_entropy": "strength of the entropy term (spec: lambda)",
+    "alpha": "weight of the smoothing penalty inside the entropy term",
+    "kappa_left": "corridor lower bound = kappa_left * reference, in [0, 1]",
+    "kappa_right": "corridor upper bound = kappa_right * reference, >= 1",
+    "gamma": "phase-weight decay: beta_k = 1 + exp(-gamma * k / k_mid)",
+    "mid_fraction": "k_mid = round(mid_fraction * K), in (0, 1]",
+    "window_size": "reference = mean of the last N step entropies, or 'cumulative'",
+    "warmup": "no smoothing penalty until the history holds this many steps",
+    "aggregation": "entropy aggregation: " + " | ".join(AGGREGATIONS),
+    "penalty": "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)",
+    "reference": "reference entropy: " + " | ".join(REFERENCES),
+    "total_steps": "K, the run's RL steps (default: derived from the host's arguments)",
+}
+
+
+def _parse_value(field: str, text: str) -> Any:
+    """A flag's text to the field's type; a parse failure names the flag."""
+    try:
+        if field in _FLOAT_FIELDS:
+            return float(text)
+        if field == "window_size":
+            return None if text.lower() in ("cumulative", "none") else int(text)
+        if field == "total_steps":
+            return None if text.lower() in ("auto", "none") else int(text)
+        if field == "warmup":
+            return int(text)
+    except ValueError:
+        expected = {"window_size": "an integer or 'cumulative'", "total_steps": "an integer or 'auto'"}.get(
+            field, "an integer" if field == "warmup" else "a number"
+        )
+        raise PluginConfigError(f"--epo.{field}={text!r} is invalid: expected {expected}") from None
+    return text
+
+
+def load_config_file(path: str) -> dict:
+    """The mapping in an --epo.config YAML file (may hold `preset:` and any EPOConfig field)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PluginConfigError(f"--epo.config={path!r}: cannot read the file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise PluginConfigError(f"--epo.config={path!r}: not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PluginConfigError(f"--epo.config={path!r}: expected a mapping of EPO fields, got {type(data).__name__}")
+    allowed = ("preset",) + field_names()
+    for key in data:
+        if key not in allowed:
+            raise PluginConfigError(
+                f"--epo.config={path!r}: unknown key {key!r}; allowed keys are {', '.join(allowed)}"
+            )
+    return data
+
+
+def resolve_epo_config(flags: Mapping[str, Any]) -> EPOConfig:
+    """Preset < --epo.config file < explicit --epo.<field> flags. Errors name the flag."""
+    from_file = load_config_file(flags["config"]) if flags.get("config") else {}
+    preset = flags.get("preset") or from_file.pop("preset", None) or "seed"
+    from_file.pop("preset", None)
+    if preset not in PRESETS:
+        raise PluginConfigError(f"--epo.preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}")
+    overrides = dict(from_file)
+    for field in field_names():
+        text = flags.get(field)
+        if text is not None:
+            overrides[field] = _parse_value(field, text)
+    try:
+        return EPOConfig.from_preset(preset, **overrides)
+    except EPOConfigError as exc:
+        raise PluginConfigError(f"--{exc}") from None
+
+
+def _get(args: Any, path: str, default: Any = None) -> Any:
+    for part in path.split("."):
+        args = getattr(args, part, default) if args is not None else default
+    return args
+
+
+_HOST_FLAGS = (
+    "actor.entropy_coef",
+    "actor.policy_loss_type",
+    "actor.loss_agg_mode",
+    "algo.advantage.estimator",
+    "algo.kl.init_coef",
+    "algo.kl.use_loss",
+    "rollout.temperature",
+    "rollout.batch_size",
+    "rollout.n_samples_per_prompt",
+    "train.batch_size",
+    "train.micro_batch_size",
+    "train.max_epochs",
+    "train.num_episodes",
+    "train.agent_func_path",
+    "ds.zero_stage",
+    "ds.packing_samples",
+    "ds.ring_attn_size",
+    "ckpt.load_enable",
+    "ckpt.save_steps",
+)
+
+
+class EPOLossPlugin(LossPlugin):
+    name = "epo"
+    version = __version__
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--epo.preset", metavar="NAME", help=f"preset: {', '.join(PRESETS)} (default: seed)")
+        group.add_argument("--epo.config", metavar="FILE.yaml", help="YAML file with `preset:` and EPO fields")
+        for field in field_names():
+            group.add_argument(f"--epo.{field}", metavar="VALUE", help=_HELP[field])
+
+    def resolve_config(self, flags: Mapping[str, Any]) -> dict:
+        config = resolve_epo_config(flags)
+        if config.penalty == "indicator":
+            warnings.warn(
+                "--epo.penalty=indicator reproduces the released code: it adds NO gradient",
+                IndicatorPenaltyWarning,
+                stacklevel=2,
+            )
+        return config.to_dict()
+
+    def check_host(self, host_args: Any, config: Mapping[str, Any]) -> None:
+        coef = _get(host_args, "actor.entropy_coef")
+        if coef not in (None, 0, 0.0):
+            raise PluginConfigError(
+                f"--actor.entropy_coef={coef!r} cannot be combined with --loss_plugin epo: EPO's entropy bonus "
+                "replaces the host's (it would count twice); drop --actor.entropy_coef"
+            )
+        ring = _get(host_args, "ds.ring_attn_size", 1) or 1
+        if ring > 1:
+            raise PluginConfigError(
+                f"--ds.ring_attn_size={ring} is not supported with --loss_plugin epo: ring attention splits "
+                "sequences across ranks, so turns cannot be seen whole"
+            )
+
+    def host_summary(self, host_args: Any) -> dict:
+        return {path: _get(host_args, path) for path in _HOST_FLAGS}
+
+    def build_rank_loss(self, host_args: Any, config: Mapping[str, Any], context: RankContext) -> EPORankLoss:
+        return EPORankLoss(EPOConfig.from_dict(config), context)
+
+
+class TurnStatsProcessor(RolloutProcessor):
+    """Adds info['turns'] (number of agent turns per sample, from the action mask) to each experience."""
+
+    name = "turn_stats"
+
+    def process(self, experience: Any, host_args: Any) -> Any:
+        mask = experience.action_mask
+        if mask is not None and isinstance(experience.info, dict):
+            experience.info["turns"] = turn_ids(mask).max(dim=-1).values.to(torch.float32)
+        return experience
+
+
+@hookimpl
+def register_loss_plugins(register):
+    register(EPOLossPlugin())
+
+
+@hookimpl
+def register_rollout_processors(register):
+    register(TurnStatsProcessor())
