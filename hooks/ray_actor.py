@@ -14,6 +14,7 @@ from typing import Any, Optional
 import ray
 from openrlhf.trainer.ray import ppo_actor
 
+from .api import RankContext
 from .plugins import get_registry
 from .trainer import STATE_KEY, HookedTrainer, hooks_settings, install
 
@@ -53,20 +54,26 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         return super().save_checkpoint(tag, client_states, metric_value=metric_value, metric_key=metric_key)
 
     def hooks_report(self, args: Any = None) -> dict:
-        """Where and what runs: this worker's pid and node, and the plugin resolved here.
+        """What runs in this worker: its pid and node, and the loss plugin resolved and built here.
 
-        `args`: host args to resolve the plugin from before init_model_from_pretrained has run.
+        `args`: host args to resolve from before init_model_from_pretrained has run (which is when
+        the plugin is installed into the trainer for real).
         """
-        settings = hooks_settings(args if args is not None else self.strategy.args) or {}
+        args = args if args is not None else self.strategy.args
+        settings = hooks_settings(args) or {}
         name = settings.get("loss_plugin")
         plugin = get_registry().loss_plugin(name) if name else None
+        rank_loss = None
+        if plugin is not None:
+            context = RankContext(rank=0, dp_size=1, total_steps=1, all_reduce_sum=lambda tensor: tensor)
+            rank_loss = type(plugin.build_rank_loss(args, settings["config"], context)).__name__
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "loss_plugin": plugin.name if plugin else None,
             "plugin_version": plugin.version if plugin else None,
+            "rank_loss": rank_loss,
             "installed_in_trainer": self.hooked is not None,
         }
-
 
 PolicyModelActor = ray.remote(num_gpus=1)(HookedPolicyModelActor)

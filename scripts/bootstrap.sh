@@ -15,4 +15,6 @@ DS_BUILD_OPS=0 "${PIP[@]}" -r requirements/cpu-host.txt
 "${PIP[@]}" --no-deps openrlhf==0.11.2
 echo "[bootstrap] openrlhf-epo (editable) and test tools"
 "${PIP[@]}" -e ".[test]"
+echo "[bootstrap] the example third-party loss plugin the tests select (tests/third_party_plugin)"
+"${PIP[@]}" --no-deps -e tests/third_party_plugin
 echo "[bootstrap] done: $(.venv/bin/python -c 'import torch, openrlhf_epo; print("torch", torch.__version__, "| openrlhf-epo", openrlhf_epo.__version__)')"

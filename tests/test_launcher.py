@@ -1,0 +1,150 @@
+"""python -m openrlhf_hooks.train_ppo_ray: host flags unchanged, plugin flags, dry run, errors, --help."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host_args import host_args, tiny_host_flags  # installs the flash_attn/vllm stand-ins
+from openrlhf_epo import PRESETS, EPOConfig
+from openrlhf_hooks.train_ppo_ray import ARGS_KEY, main
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = tiny_host_flags("/nonexistent/model", 1)
+
+
+def dry_run(capsys, *flags):
+    with pytest.raises(SystemExit) as done:
+        main([*HOST, *flags, "--plugins_dry_run"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # ONE JSON object on stdout
+    return json.loads(out[0])
+
+
+def fails(capsys, *flags):
+    assert main([*HOST, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_dry_run_prints_the_resolved_config_for_each_preset(capsys, preset):
+    import ray
+
+    report = dry_run(capsys, "--loss_plugin", "epo", "--epo.preset", preset)
+    assert report["loss_plugin"] == "epo"
+    assert report["config"] == EPOConfig.from_preset(preset).to_dict()
+    assert report["host"]["algo.advantage.estimator"] == "group_norm"
+    assert report["host"]["actor.entropy_coef"] is None
+    assert not ray.is_initialized()
+
+
+def test_overrides_and_config_file(capsys, tmp_path):
+    report = dry_run(
+        capsys, "--loss_plugin", "epo", "--epo.config", str(ROOT / "configs/paper-alfworld.yaml"),
+        "--epo.alpha", "0.3", "--epo.window_size", "cumulative", "--epo.total_steps", "50",
+    )  # fmt: skip
+    assert report["config"] == EPOConfig.from_preset("paper-alfworld", alpha=0.3, total_steps=50).to_dict()
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("preset: paper-sciworld\nkappa_left: 0.5\n")
+    report = dry_run(capsys, "--loss_plugin", "epo", "--epo.config", str(custom))
+    assert report["config"] == EPOConfig.from_preset("paper-sciworld", kappa_left=0.5).to_dict()
+
+
+def test_third_party_plugin_is_selected_through_its_entry_point(capsys):
+    report = dry_run(capsys, "--loss_plugin", "scaled", "--scaled.factor", "2.5")
+    assert report == {
+        "loss_plugin": "scaled",
+        "config": {"factor": 2.5},
+        "rollout_processors": [],
+        "host": {"actor.policy_loss_type": "ppo"},
+    }
+
+
+def test_rollout_processors_are_named_in_the_settings(capsys):
+    report = dry_run(capsys, "--loss_plugin", "epo", "--rollout_processors", "turn_stats")
+    assert report["rollout_processors"] == ["turn_stats"]
+
+
+BAD = [
+    (["--loss_plugin", "epoo"], "unknown loss plugin 'epoo'; installed loss plugins: epo, scaled"),
+    (["--loss_plugin", "epo", "--epo.alpha", "-1"], "--epo.alpha=-1.0 is invalid: must be a finite number >= 0"),
+    (["--loss_plugin", "epo", "--epo.alpha", "lots"], "--epo.alpha='lots' is invalid: expected a number"),
+    (["--loss_plugin", "epo", "--epo.window_size", "0"], "--epo.window_size=0 is invalid"),
+    (["--loss_plugin", "epo", "--epo.kappa_left", "0.9", "--epo.kappa_right", "1.0", "--epo.kappa_left", "1.0"],
+     "--epo.kappa_left=1.0 is invalid: must be smaller than kappa_right=1.0"),
+    (["--loss_plugin", "epo", "--epo.preset", "paper"], "--epo.preset='paper' is invalid: allowed presets are seed"),
+    (["--loss_plugin", "epo", "--epo.penalty", "l2"], "--epo.penalty='l2' is invalid: allowed values are squared"),
+    (["--epo.alpha", "0.1"], "--epo.alpha needs --loss_plugin epo"),
+    (["--loss_plugin", "epo", "--epo.config", "/no/such.yaml"], "--epo.config='/no/such.yaml': cannot read the file"),
+    (["--loss_plugin", "epo", "--actor.entropy_coef", "0.01"],
+     "--actor.entropy_coef=0.01 cannot be combined with --loss_plugin epo"),
+    (["--loss_plugin", "epo", "--rollout_processors", "nope"], "unknown rollout processor 'nope'"),
+    (["--loss_plugin", "scaled", "--scaled.factor", "-2"], "--scaled.factor='-2' is invalid"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_bad_input_is_a_one_line_error_naming_the_flag(capsys, flags, message):
+    import ray
+
+    line = fails(capsys, *flags)
+    assert line.startswith("python -m openrlhf_hooks.train_ppo_ray: error: ")
+    assert message in line
+    assert not ray.is_initialized()
+
+
+def test_bad_config_files(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("alpha: [0.1\n")
+    assert "not valid YAML at line" in fails(capsys, "--loss_plugin", "epo", "--epo.config", str(broken))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("alpha: 0.1\nlamda: 0.3\n")
+    assert "unknown key 'lamda'" in fails(capsys, "--loss_plugin", "epo", "--epo.config", str(unknown))
+
+
+def test_entropy_coef_zero_is_allowed(capsys):
+    report = dry_run(capsys, "--loss_plugin", "epo", "--actor.entropy_coef", "0")
+    assert report["host"]["actor.entropy_coef"] == 0
+
+
+def test_host_validation_still_runs(capsys):
+    # the host's own parser rejects its own bad flags, unchanged
+    with pytest.raises(SystemExit) as done:
+        main([*HOST, "--loss_plugin", "epo", "--actor.policy_loss_type", "nope", "--plugins_dry_run"])
+    assert done.value.code == 2
+    assert "--actor.policy_loss_type" in capsys.readouterr().err
+
+
+def test_help_shows_plugin_and_host_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--loss_plugin", "--plugins_dry_run", "--epo.preset", "--epo.kappa_left", "--scaled.factor",
+                 "--actor.entropy_coef", "--algo.advantage.estimator"):  # fmt: skip
+        assert flag in out
+
+
+def _plain(namespace):
+    return {k: _plain(v) if hasattr(v, "__dict__") else v for k, v in vars(namespace).items() if k != ARGS_KEY}
+
+
+def test_host_args_identical_apart_from_the_plugin_part():
+    without = host_args(HOST)
+    with_plugin = host_args([*HOST, "--loss_plugin", "epo", "--epo.preset", "paper-sciworld", "--epo.alpha", "0.2"])
+    assert _plain(without) == _plain(with_plugin)
+    assert getattr(without, ARGS_KEY, None) is None
+    assert getattr(with_plugin, ARGS_KEY)["config"]["alpha"] == 0.2
+
+
+def test_module_entry_point_dry_run_in_a_fresh_process():
+    """The real `python -m openrlhf_hooks.train_ppo_ray` path, in a child process with the stand-ins."""
+    command = [sys.executable, str(ROOT / "tests/support/launch.py"), *HOST, "--loss_plugin", "epo",
+               "--epo.preset", "paper-sciworld", "--plugins_dry_run"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["config"] == EPOConfig.from_preset("paper-sciworld").to_dict()

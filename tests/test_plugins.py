@@ -1,0 +1,133 @@
+"""The plugin manager: entry-point discovery, OPENRLHF_HOOKS_PLUGINS, and loud errors.
+
+Broken or conflicting plugins are real installed distributions: a *.dist-info folder with an
+entry_points.txt on sys.path, which importlib.metadata finds like any pip-installed package.
+"""
+
+import textwrap
+
+import pytest
+
+from openrlhf_hooks import LossPlugin, PluginError, RolloutProcessor, load_plugins
+from openrlhf_hooks.plugins import ENV_PLUGINS
+
+
+def install_fake_plugin(root, dist, entry_points: dict, modules: dict):
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[openrlhf_hooks]\n{lines}\n")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(ENV_PLUGINS, raising=False)
+    return tmp_path
+
+
+def test_epo_and_third_party_are_found_through_entry_points(site):
+    registry = load_plugins()
+    assert {"epo", "scaled"} <= set(registry.loss_plugins)
+    assert isinstance(registry.loss_plugin("epo"), LossPlugin)
+    assert isinstance(registry.rollout_processor("turn_stats"), RolloutProcessor)
+    assert registry.sources["loss:epo"] == "epo" and registry.sources["loss:scaled"] == "scaled"
+
+
+def test_env_selects_plugins(site, monkeypatch):
+    monkeypatch.setenv(ENV_PLUGINS, "")
+    assert load_plugins().loss_plugins == {}
+    monkeypatch.setenv(ENV_PLUGINS, "epo")
+    assert set(load_plugins().loss_plugins) == {"epo"}
+    monkeypatch.setenv(ENV_PLUGINS, "epo, nope")
+    with pytest.raises(PluginError, match=r"OPENRLHF_HOOKS_PLUGINS names 'nope', which no installed package provides"):
+        load_plugins()
+
+
+def test_plugin_failing_to_import_names_it_and_its_entry_point(site):
+    install_fake_plugin(site, "brokenplug", {"broken": "broken_module"}, {"broken_module": "import no_such_module\n"})
+    with pytest.raises(PluginError) as err:
+        load_plugins()
+    message = str(err.value)
+    assert "plugin 'broken'" in message and "broken = broken_module" in message and "no_such_module" in message
+
+
+def test_requested_missing_module_is_an_error(site, monkeypatch):
+    install_fake_plugin(site, "ghostplug", {"ghost": "ghost_module_not_there"}, {})
+    monkeypatch.setenv(ENV_PLUGINS, "ghost")
+    with pytest.raises(PluginError, match="plugin 'ghost' .*ghost_module_not_there.*failed to import"):
+        load_plugins()
+
+
+def test_misspelled_hook_is_an_error(site):
+    install_fake_plugin(
+        site,
+        "typoplug",
+        {"typo": "typo_module"},
+        {
+            "typo_module": """
+                from openrlhf_hooks import hookimpl
+
+                @hookimpl
+                def register_loss_plugin(register):  # missing the final s
+                    pass
+            """
+        },
+    )
+    with pytest.raises(PluginError, match="register_loss_plugin.*does not exist|does not exist.*register_loss_plugin"):
+        load_plugins()
+
+
+def test_two_plugins_claiming_one_name(site):
+    install_fake_plugin(
+        site,
+        "impostor",
+        {"impostor": "impostor_module"},
+        {
+            "impostor_module": """
+                from openrlhf_hooks import LossPlugin, hookimpl
+
+                class Impostor(LossPlugin):
+                    name = "epo"
+
+                @hookimpl
+                def register_loss_plugins(register):
+                    register(Impostor())
+            """
+        },
+    )
+    with pytest.raises(PluginError, match=r"two plugins claim the loss name 'epo': '(epo|impostor)' and '(epo|impostor)'"):
+        load_plugins()
+
+
+def test_two_distributions_claiming_one_entry_point_name(site):
+    install_fake_plugin(site, "otherepo", {"epo": "other_epo_module"}, {"other_epo_module": ""})
+    with pytest.raises(PluginError, match="two installed plugins claim the entry point name 'epo'"):
+        load_plugins()
+
+
+def test_registering_something_that_is_not_a_plugin(site):
+    install_fake_plugin(
+        site,
+        "wrongplug",
+        {"wrong": "wrong_module"},
+        {
+            "wrong_module": """
+                from openrlhf_hooks import hookimpl
+
+                @hookimpl
+                def register_loss_plugins(register):
+                    register(object())
+            """
+        },
+    )
+    with pytest.raises(PluginError, match="plugin 'wrong' registered .* which is not a LossPlugin"):
+        load_plugins()
+
+
+def test_unknown_loss_plugin_names_the_installed_ones(site):
+    with pytest.raises(PluginError, match=r"unknown loss plugin 'ep0'; installed loss plugins: epo, scaled"):
+        load_plugins().loss_plugin("ep0")
