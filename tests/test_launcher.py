@@ -148,3 +148,20 @@ def test_module_entry_point_dry_run_in_a_fresh_process():
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["config"] == EPOConfig.from_preset("paper-sciworld").to_dict()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("train_*_epo_*.sh")))
+def test_example_scripts_pass_host_and_plugin_validation(capsys, script):
+    import shlex
+
+    text = (ROOT / "examples" / script).read_text().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if "openrlhf_hooks.train_ppo_ray" in line)
+    flags = shlex.split(command.split("openrlhf_hooks.train_ppo_ray", 1)[1])
+    values = {"$AGENT_FUNC_PATH": "agent.py", "$PROMPT_DATA": "prompts.jsonl", "$MODEL": "model",
+              "$SAVE": "ckpt", "$SAVE/final": "ckpt/final", "$PRESET": "paper-alfworld"}  # fmt: skip
+    flags = [values.get(f, f) for f in flags]
+    with pytest.raises(SystemExit) as done:
+        main([*flags, "--plugins_dry_run"])
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loss_plugin"] == "epo" and report["host"]["train.agent_func_path"] == "agent.py"
