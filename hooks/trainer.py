@@ -45,21 +45,31 @@ def dp_all_reduce_sum(strategy: Any):
     return all_reduce_sum
 
 
-def action_entropy(logits: torch.Tensor, attention_mask: torch.Tensor, action_len: int, packed: bool) -> torch.Tensor:
-    """Per-token entropy [B, action_len] aligned with the host's action_log_probs.
+def action_entropy(
+    logits: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor, packed: bool
+) -> torch.Tensor:
+    """Per-token entropy [B, A] aligned with the host's action_log_probs, computed on action tokens only.
 
-    logits: [B, T, V] (or [1, nnz, V] when the host packs samples), already temperature-scaled.
+    logits: [B, T, V] (or [1, nnz, V] when the host packs samples), already temperature-scaled by
+    the host. The fused kernel reads only the action rows, in place: no copy of the logits.
     """
-    from openrlhf_epo.core import token_entropy
+    from openrlhf_epo.kernels import entropy_logprob
 
-    if packed:
-        batch, length = attention_mask.shape
-        flat = torch.zeros(batch * length, dtype=torch.float32, device=logits.device)
-        flat = flat.masked_scatter(attention_mask.flatten().bool(), token_entropy(logits[0]))
-        entropy = flat.view(batch, length)
+    batch, length = sequences.shape
+    action_len = action_mask.shape[1]
+    on = action_mask.bool()
+    # the logit at position t predicts token t + 1; action a sits at t = length - 1 - action_len + a
+    positions = torch.arange(length - 1 - action_len, length - 1, device=sequences.device)
+    flat_index = (torch.arange(batch, device=sequences.device)[:, None] * length + positions)[on]
+    if packed:  # packed rows keep the attention-mask order of the padded batch
+        packed_index = torch.cumsum(attention_mask.flatten().long(), 0) - 1
+        rows = packed_index[flat_index]
     else:
-        entropy = token_entropy(logits)
-    return entropy[:, :-1][:, -action_len:]
+        rows = flat_index
+    labels = sequences.flatten()[flat_index + 1]
+    entropy, _ = entropy_logprob(logits.reshape(-1, logits.shape[-1]), labels, rows=rows)
+    out = torch.zeros(batch, action_len, dtype=entropy.dtype, device=entropy.device)
+    return out.masked_scatter(on, entropy)
 
 
 def derive_total_steps(args: Any, max_steps: Optional[int]) -> int:
@@ -98,7 +108,7 @@ class HookedTrainer:
             kwargs["return_output"] = True
             log_probs, output = original(sequences, action_mask, attention_mask, **kwargs)
             packed = bool(getattr(actor, "packing_samples", False))
-            self._entropy = action_entropy(output["logits"], attention_mask, action_mask.shape[1], packed)
+            self._entropy = action_entropy(output["logits"], sequences, attention_mask, action_mask, packed)
             return (log_probs, output) if wants_output else log_probs
 
         actor.forward = forward

@@ -13,6 +13,8 @@ echo "[bootstrap] torch 2.13.0 (CPU build; a bare 'torch' requirement would pull
 echo "[bootstrap] OpenRLHF 0.11.2 without flash-attn, plus what its CPU-importable modules need"
 DS_BUILD_OPS=0 "${PIP[@]}" -r requirements/cpu-host.txt
 "${PIP[@]}" --no-deps openrlhf==0.11.2
+echo "[bootstrap] triton (its CPU interpreter runs the fused-kernel tests)"
+"${PIP[@]}" triton==3.9.0
 echo "[bootstrap] openrlhf-epo (editable) and test tools"
 "${PIP[@]}" -e ".[test]"
 echo "[bootstrap] the example third-party loss plugin the tests select (tests/third_party_plugin)"
