@@ -29,7 +29,9 @@ class PluginConfigError(ValueError):
 class RankContext:
     """What the host gives a RankLoss on one training rank.
 
-    all_reduce_sum: sums a tensor in place over the data-parallel group (identity with one rank).
+    rank: this rank's index in the data-parallel group, 0 <= rank < dp_size.
+    all_reduce_sum: returns the SUM of a tensor over the data-parallel group (identity with one rank);
+        it may also overwrite its input, so pass a tensor you no longer need.
     total_steps: K, the run's RL steps, derived from the host's arguments.
     """
 
@@ -42,7 +44,8 @@ class RankContext:
 class RankLoss:
     """The rank-side part of a loss plugin; the host adapter drives it.
 
-    Call order per RL step: begin_step(); for each micro-batch policy_loss(...); end_step().
+    Call order per RL step: begin_step(); for each micro-batch policy_loss(...); end_step(), on every
+    rank of the data-parallel group: any of them may run collectives through RankContext.all_reduce_sum.
     """
 
     #: ask the host for per-token entropy H [B, A] (with gradient) of the policy on every micro-batch

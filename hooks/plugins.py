@@ -50,7 +50,8 @@ def _selected_entry_points() -> list[metadata.EntryPoint]:
         other = by_name.get(ep.name)
         if other is not None and other.value != ep.value:
             raise PluginError(
-                f"two installed plugins claim the entry point name {ep.name!r}: {other.value!r} and {ep.value!r}"
+                f"two installed plugins claim the entry point name {ep.name!r}: {other.value!r} and {ep.value!r}; "
+                "uninstall one of them"
             )
         by_name[ep.name] = ep
     wanted = os.environ.get(ENV_PLUGINS)
@@ -76,7 +77,8 @@ def load_plugins() -> Registry:
         except Exception as exc:
             raise PluginError(
                 f"plugin {ep.name!r} (entry point {ep.name} = {ep.value}) failed to import: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {' '.join(str(exc).split())}; fix or uninstall it, or name only the "
+                f"plugins to load in {ENV_PLUGINS}"
             ) from exc
         try:
             manager.register(module, name=ep.name)
@@ -98,7 +100,8 @@ def load_plugins() -> Registry:
             key = f"{kind}:{obj.name}"
             if obj.name in table:
                 raise PluginError(
-                    f"two plugins claim the {kind} name {obj.name!r}: {registry.sources[key]!r} and {plugin_name!r}"
+                    f"two plugins claim the {kind} name {obj.name!r}: {registry.sources[key]!r} and {plugin_name!r}; "
+                    f"uninstall one of them or leave it out of {ENV_PLUGINS}"
                 )
             table[obj.name] = obj
             registry.sources[key] = plugin_name

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import runpy
 import sys
@@ -33,8 +34,15 @@ class LauncherError(Exception):
     """A one-line launcher error (bad plugin flag, unknown plugin, ...)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line LauncherError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise LauncherError(message)
+
+
 def build_parser(registry: Registry) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         add_help=False,
         allow_abbrev=False,
@@ -64,6 +72,7 @@ def plugin_flags(namespace: argparse.Namespace, name: str) -> dict:
 def resolve(argv: Sequence[str], registry: Registry) -> tuple[Optional[dict], bool, list[str]]:
     """Split argv into (plugin settings or None, dry_run, host argv); LauncherError on bad plugin input."""
     namespace, host_argv = build_parser(registry).parse_known_args(list(argv))
+    _reject_unknown_plugin_flags(namespace, host_argv, registry)
     settings = None
     name = namespace.loss_plugin
     for other in registry.loss_plugins:
@@ -71,18 +80,36 @@ def resolve(argv: Sequence[str], registry: Registry) -> tuple[Optional[dict], bo
         if given and other != name:
             raise LauncherError(f"--{other}.{given[0]} needs --loss_plugin {other}")
     processors = [p.strip() for p in namespace.rollout_processors.split(",") if p.strip()]
-    try:
-        for processor in processors:
+    for processor in processors:
+        try:
             registry.rollout_processor(processor)
-        if name:
+        except PluginError as exc:
+            raise LauncherError(f"--rollout_processors: {exc}") from None
+    if name:
+        try:
             plugin = registry.loss_plugin(name)
+        except PluginError as exc:
+            raise LauncherError(f"--loss_plugin: {exc}") from None
+        try:
             config = plugin.resolve_config(plugin_flags(namespace, name))
-            settings = {"loss_plugin": name, "config": config, "rollout_processors": processors}
-        elif processors:
-            settings = {"loss_plugin": None, "config": {}, "rollout_processors": processors}
-    except (PluginError, PluginConfigError) as exc:
-        raise LauncherError(str(exc)) from None
+        except (PluginError, PluginConfigError) as exc:
+            raise LauncherError(str(exc)) from None
+        settings = {"loss_plugin": name, "config": config, "rollout_processors": processors}
+    elif processors:
+        settings = {"loss_plugin": None, "config": {}, "rollout_processors": processors}
     return settings, namespace.plugins_dry_run, host_argv
+
+
+def _reject_unknown_plugin_flags(namespace: argparse.Namespace, host_argv: Sequence[str], registry: Registry) -> None:
+    """A misspelled --<plugin>.<knob> would reach the host's parser as an unknown flag; name it here."""
+    for token in host_argv:
+        flag = token.split("=", 1)[0]
+        for name in registry.loss_plugins:
+            if flag.startswith(f"--{name}."):
+                known = [f"--{name}.{knob}" for knob in plugin_flags(namespace, name)]
+                close = difflib.get_close_matches(flag, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise LauncherError(f"unknown flag {flag}{hint}; loss plugin {name} accepts {', '.join(known)}")
 
 
 def run_host(host_argv: Sequence[str], on_args_ready: Callable[[Any], None], actor_class: Any = None) -> None:
@@ -163,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_host(host_argv, on_args_ready, actor_class)
         return 0
     except (LauncherError, PluginError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        # one line even when a plugin's own message spans several
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -140,7 +140,8 @@ class HookedTrainer:
     def restore(self, saved: dict) -> None:
         if saved.get("plugin") != self.plugin_name:
             raise PluginConfigError(
-                f"the checkpoint holds state of loss plugin {saved.get('plugin')!r}, but this run uses {self.plugin_name!r}"
+                f"the checkpoint holds state of loss plugin {saved.get('plugin')!r}, but this run uses "
+                f"--loss_plugin {self.plugin_name}; resume with --loss_plugin {saved.get('plugin')}"
             )
         self.rank_loss.load_state_dict(saved["state"])
 
@@ -164,8 +165,13 @@ def install(
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     mesh = getattr(strategy, "ds_device_mesh", None)
     dp_size = mesh["dp"].size() if mesh is not None else world
+    # the rank inside the data-parallel group, which differs from the global rank under tensor parallelism
+    if mesh is not None:
+        dp_rank = mesh["dp"].get_local_rank()
+    else:
+        dp_rank = dist.get_rank() if world > 1 else 0
     context = RankContext(
-        rank=dist.get_rank() if world > 1 else 0,
+        rank=dp_rank,
         dp_size=dp_size,
         total_steps=int(total_steps),
         all_reduce_sum=dp_all_reduce_sum(strategy),

@@ -29,6 +29,10 @@ class EPOConfig:
     window_size: int = mean of the last W step statistics; None = cumulative mean of all of them.
     warmup: no smoothing penalty until the history holds this many entries.
     total_steps: K, the run's RL steps; None = derived by the host adapter.
+    max_bad_steps: stop the run after this many consecutive RL steps without a finite entropy
+        statistic (each such step is skipped: nothing is pushed into the history).
+    check_every: compare a checksum of the history across data-parallel ranks every this many RL
+        steps (0: only after a resume, where it always runs).
     """
 
     lambda_entropy: float = 0.1
@@ -43,6 +47,8 @@ class EPOConfig:
     penalty: str = "squared"
     reference: str = "global"
     total_steps: Optional[int] = None
+    max_bad_steps: int = 5
+    check_every: int = 50
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,13 +88,17 @@ class EPOConfig:
         _check_int("warmup", self.warmup, "must be an integer >= 0", 0)
         if self.total_steps is not None:
             _check_int("total_steps", self.total_steps, "must be an integer >= 1, or None to derive it", 1)
+        _check_int("max_bad_steps", self.max_bad_steps, "must be an integer >= 1", 1)
+        _check_int("check_every", self.check_every, "must be an integer >= 0 (0: check only after a resume)", 0)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)
         _check_choice("penalty", self.penalty, PENALTIES)
         _check_choice("reference", self.reference, REFERENCES)
         if self.reference == "per_turn" and self.penalty == "squared":
             # The squared penalty acts on one batch scalar, which has no turn to take a reference from.
             raise EPOConfigError(
-                "reference", self.reference, "per_turn needs a per-token penalty (hinge or indicator), not squared"
+                "reference",
+                self.reference,
+                "per_turn needs a per-token penalty (hinge or indicator), not penalty=squared",
             )
 
 

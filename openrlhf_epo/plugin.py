@@ -21,6 +21,7 @@ from .core.objective import IndicatorPenaltyWarning
 from .rank import EPORankLoss
 
 _FLOAT_FIELDS = ("lambda_entropy", "alpha", "kappa_left", "kappa_right", "gamma", "mid_fraction")
+_INT_FIELDS = ("warmup", "max_bad_steps", "check_every")
 _HELP = {
     "lambda_entropy": "strength of the entropy term (spec: lambda)",
     "alpha": "weight of the smoothing penalty inside the entropy term",
@@ -34,6 +35,8 @@ _HELP = {
     "penalty": "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)",
     "reference": "reference entropy: " + " | ".join(REFERENCES),
     "total_steps": "K, the run's RL steps (default: derived from the host's arguments)",
+    "max_bad_steps": "stop after this many consecutive steps without a finite entropy statistic (default 5)",
+    "check_every": "compare the history across ranks every N steps; 0: only after a resume (default 50)",
 }
 
 
@@ -46,11 +49,11 @@ def _parse_value(field: str, text: str) -> Any:
             return None if text.lower() in ("cumulative", "none") else int(text)
         if field == "total_steps":
             return None if text.lower() in ("auto", "none") else int(text)
-        if field == "warmup":
+        if field in _INT_FIELDS:
             return int(text)
     except ValueError:
         expected = {"window_size": "an integer or 'cumulative'", "total_steps": "an integer or 'auto'"}.get(
-            field, "an integer" if field == "warmup" else "a number"
+            field, "an integer" if field in _INT_FIELDS else "a number"
         )
         raise PluginConfigError(f"--epo.{field}={text!r} is invalid: expected {expected}") from None
     return text
@@ -59,15 +62,19 @@ def _parse_value(field: str, text: str) -> Any:
 def load_config_file(path: str) -> dict:
     """The mapping in an --epo.config YAML file (may hold `preset:` and any EPOConfig field)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise PluginConfigError(f"--epo.config={path!r}: cannot read the file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise PluginConfigError(f"--epo.config={path!r}: not a UTF-8 text file; expected a YAML mapping") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise PluginConfigError(f"--epo.config={path!r}: not valid YAML{line}") from None
+        problem = getattr(exc, "problem", None)
+        detail = f": {problem}" if problem else ""
+        raise PluginConfigError(f"--epo.config={path!r}: not valid YAML{line}{detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -82,20 +89,37 @@ def load_config_file(path: str) -> dict:
 
 
 def resolve_epo_config(flags: Mapping[str, Any]) -> EPOConfig:
-    """Preset < --epo.config file < explicit --epo.<field> flags. Errors name the flag."""
-    from_file = load_config_file(flags["config"]) if flags.get("config") else {}
-    preset = flags.get("preset") or from_file.pop("preset", None) or "seed"
-    from_file.pop("preset", None)
-    if preset not in PRESETS:
-        raise PluginConfigError(f"--epo.preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}")
+    """Preset < --epo.config file < explicit --epo.<field> flags.
+
+    Errors name the flag, or the file and its key when the bad value came from the file.
+    """
+    path = flags.get("config")
+    from_file = load_config_file(path) if path else {}
+    file_preset = from_file.pop("preset", None)
+    if flags.get("preset"):
+        preset = flags["preset"]
+        if preset not in PRESETS:
+            raise PluginConfigError(f"--epo.preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}")
+    else:
+        preset = file_preset or "seed"
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise PluginConfigError(
+                f"--epo.config={path!r}: preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}"
+            )
     overrides = dict(from_file)
+    from_flags = set()
     for field in field_names():
         text = flags.get(field)
         if text is not None:
             overrides[field] = _parse_value(field, text)
+            from_flags.add(field)
     try:
         return EPOConfig.from_preset(preset, **overrides)
     except EPOConfigError as exc:
+        if exc.field in from_file and exc.field not in from_flags:
+            raise PluginConfigError(
+                f"--epo.config={path!r}: {exc.field}={exc.value!r} is invalid: {exc.allowed}"
+            ) from None
         raise PluginConfigError(f"--{exc}") from None
 
 

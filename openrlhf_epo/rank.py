@@ -1,12 +1,29 @@
 """EPO on one training rank: the loss term per micro-batch, the step statistic, the history.
 
 Host-neutral glue between the pure core and a host adapter. Collectives come in through
-RankContext.all_reduce_sum; one all-reduce closes each RL step (plus one tiny one per micro-batch
-for the squared penalty, which needs the global L_H of the optimizer step).
+RankContext.all_reduce_sum: a small one opens each RL step (the rank-agreement check below), one
+closes it (the step statistic), plus one tiny one per micro-batch for the squared penalty, which
+needs the global L_H of the optimizer step.
+
+Run safety (docs/bad-inputs.md):
+- a micro-batch whose entropy is not finite on some action token is dropped from EPO: its term is
+  a detached zero (so EPO adds no gradient, and no NaN, through it) and it does not enter the step
+  statistic; the other micro-batches still define it;
+- a step whose statistic is not a finite number (no action token, or every micro-batch dropped)
+  is skipped: nothing is pushed, `skipped_steps` counts it, a warning is logged; after
+  `max_bad_steps` such steps in a row, EPOHealthError stops the run;
+- at the start of a step the ranks compare a checksum of their EPO state (the history the step's
+  reference comes from) every `check_every` steps and always on the first step after a resume; a
+  mismatch raises EPOHealthError naming the ranks, before anything trains on that reference.
+Every decision is taken from an all-reduced vector, so all ranks take it together and none is
+left waiting in a collective; for the same reason begin_step's small all-reduce runs every step,
+due or not (ranks that disagree may also disagree about whether a check is due).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from typing import Any, Mapping, Optional
@@ -28,9 +45,30 @@ from .core import (
 
 logger = logging.getLogger(__name__)
 
-# Layout of the per-step vector: the core's step parts, then three metric sums.
+# Layout of the per-step vector: the core's step parts, three metric sums, and the number of
+# dropped (non-finite) micro-batches.
 _CORE_PARTS = 2 + 2 * MAX_TURNS
-_PENALTY_NUM, _INSIDE, _TOKENS = range(_CORE_PARTS, _CORE_PARTS + 3)
+_PENALTY_NUM, _INSIDE, _TOKENS, _DROPPED = range(_CORE_PARTS, _CORE_PARTS + 4)
+_STEP_PARTS = _CORE_PARTS + 4
+
+
+class EPOHealthError(RuntimeError):
+    """The run cannot go on safely: too many steps without a finite entropy statistic, or the
+    data-parallel ranks disagree about the EPO history."""
+
+
+def state_checksum(state: Mapping[str, Any]) -> int:
+    """A 52-bit hash of a plain state (exact in float64, so it survives an all-reduce); never 0.
+
+    JSON writes floats with repr, which round-trips exactly, so equal states give equal checksums.
+    """
+    text = json.dumps(state, sort_keys=True)
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return (digest >> 12) | 1
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
 class EPORankLoss(RankLoss):
@@ -45,6 +83,11 @@ class EPORankLoss(RankLoss):
     needs_entropy = True
 
     def __init__(self, config: EPOConfig, context: RankContext):
+        if not 0 <= context.rank < context.dp_size:
+            raise ValueError(
+                f"RankContext.rank={context.rank!r} is invalid: must be the rank inside the data-parallel "
+                f"group, 0 <= rank < dp_size={context.dp_size!r}"
+            )
         self.config = config
         self.context = context
         if config.reference == "per_turn":
@@ -53,6 +96,8 @@ class EPORankLoss(RankLoss):
             self.history = EntropyHistory(config.window_size, config.warmup)
         self.step = 0
         self.skipped_steps = 0
+        self.consecutive_bad_steps = 0
+        self._resumed = False
         self._begin_state()
 
     def _begin_state(self) -> None:
@@ -63,7 +108,35 @@ class EPORankLoss(RankLoss):
         self.beta = phase_weight(self.step, self.context.total_steps, self.config.gamma, self.config.mid_fraction)
 
     def begin_step(self) -> None:
+        self._check_ranks_agree()
         self._begin_state()
+
+    def _check_ranks_agree(self) -> None:
+        """All-reduce [ranks asking for a check, one checksum slot per rank]; compare if any asked."""
+        every = self.config.check_every
+        due = self._resumed or (every > 0 and self.step % every == 0)
+        vector = torch.zeros(1 + self.context.dp_size, dtype=torch.float64)
+        if due:
+            vector[0] = 1.0
+            vector[1 + self.context.rank] = float(state_checksum(self.state_dict()))
+        vector = self.context.all_reduce_sum(vector).cpu()
+        resumed, self._resumed = self._resumed, False
+        if vector[0] == 0:
+            return
+        groups: dict[int, list[int]] = {}
+        for rank, value in enumerate(vector[1:].tolist()):
+            groups.setdefault(int(value), []).append(rank)
+        if len(groups) == 1:
+            return
+        held = "; ".join(
+            f"{_ranks(ranks)}: " + ("no check (at another step, or not resumed)" if value == 0 else f"{value:013x}")
+            for value, ranks in sorted(groups.items(), key=lambda item: item[1])
+        )
+        when = " (after a resume)" if resumed else ""
+        raise EPOHealthError(
+            f"EPO: the data-parallel ranks disagree about the entropy history at step {self.step}{when}: "
+            f"checksums {held}; every rank must hold the same history (resume all ranks from one checkpoint)"
+        )
 
     def _reference_for(self, action_mask: torch.Tensor):
         if self.reference is None:
@@ -93,15 +166,36 @@ class EPORankLoss(RankLoss):
         numerator, den = self._window_sums.tolist()
         return numerator / den if den > 0 else 0.0
 
+    def _accumulate(self, step_parts: torch.Tensor) -> None:
+        self._parts = step_parts if self._parts is None else self._parts + step_parts
+
     def policy_loss(self, host_outputs, *, action_mask, entropy, loss_batch_info):
         if entropy is None:
             raise RuntimeError("EPO needs the per-token entropy of the policy; the host adapter did not provide it")
-        parts = step_statistic_parts(entropy, action_mask, self.config.aggregation)
+        if entropy.shape != action_mask.shape:
+            raise ValueError(
+                f"EPO: entropy shape {tuple(entropy.shape)} and action_mask shape {tuple(action_mask.shape)} "
+                "disagree; the host adapter must give one entropy value per action-mask position"
+            )
+        on = action_mask.bool()
+        # Off the mask the entropy is never used: zero it so a stray nan there cannot reach a sum.
+        entropy = torch.where(on, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+        finite = bool(torch.isfinite(entropy.detach()).all())
+        if finite:
+            parts = step_statistic_parts(entropy, action_mask, self.config.aggregation)
+        else:
+            parts = torch.zeros(_CORE_PARTS, dtype=torch.float64, device=entropy.device)
         reference = self._reference_for(action_mask)
         denominator = self._denominator(loss_batch_info)
         linearize_at = None
         if reference is not None and self.config.penalty == "squared" and denominator is not None:
+            # every rank joins this all-reduce, a dropped micro-batch with zeros
             linearize_at = self._global_entropy(parts, loss_batch_info)
+        if not finite:
+            extras = torch.zeros(_STEP_PARTS - _CORE_PARTS, dtype=torch.float64)
+            extras[_DROPPED - _CORE_PARTS] = 1.0
+            self._accumulate(torch.cat([parts.cpu(), extras]))
+            return tuple(host_outputs)
         term, stats = epo_regularizer(
             entropy,
             action_mask,
@@ -116,30 +210,65 @@ class EPORankLoss(RankLoss):
                 float(stats.get("penalty_num", 0.0)),
                 float(stats["in_corridor_tokens"]),
                 float(stats["tokens"]),
+                0.0,
             ],
             dtype=torch.float64,
         )
-        step_parts = torch.cat([parts.cpu(), extras])
-        self._parts = step_parts if self._parts is None else self._parts + step_parts
+        self._accumulate(torch.cat([parts.cpu(), extras]))
         loss = host_outputs[0] + term.to(host_outputs[0].dtype)
         return (loss, *host_outputs[1:])
 
     def end_step(self) -> dict[str, float]:
-        parts = self._parts if self._parts is not None else torch.zeros(_CORE_PARTS + 3, dtype=torch.float64)
-        parts = self.context.all_reduce_sum(parts)
-        stat = step_statistic(parts[:_CORE_PARTS])
-        metrics = self._metrics(stat, parts)
+        parts = self._parts if self._parts is not None else torch.zeros(_STEP_PARTS, dtype=torch.float64)
+        vector = self.context.all_reduce_sum(parts).cpu()
+        stat = step_statistic(vector[:_CORE_PARTS])
+        metrics = self._metrics(stat, vector)
+        dropped = int(vector[_DROPPED])
+        if dropped:
+            logger.warning(
+                "EPO step %d: %d micro-batch(es) had non-finite entropy on action tokens; their EPO term was "
+                "dropped and the step statistic uses the others",
+                self.step,
+                dropped,
+            )
         if stat.value is None or not math.isfinite(stat.value):
-            self.skipped_steps += 1
-            logger.warning("EPO step %d: no finite entropy statistic (%r); the history is unchanged", self.step, stat.value)
-        elif isinstance(self.history, PerTurnEntropyHistory):
-            self.history.push(stat.value, stat.turn_sums, stat.turn_counts)
+            self._skip(stat.value, dropped)
         else:
-            self.history.push(stat.value)
+            if isinstance(self.history, PerTurnEntropyHistory):
+                self.history.push(stat.value, stat.turn_sums, stat.turn_counts)
+            else:
+                self.history.push(stat.value)
+            self.consecutive_bad_steps = 0
         metrics["skipped_steps"] = float(self.skipped_steps)
+        metrics["nonfinite_micro_batches"] = float(dropped)
         self.step += 1
         self._begin_state()
         return metrics
+
+    def _skip(self, value: Optional[float], dropped: int) -> None:
+        if value is not None:
+            reason = f"the statistic is {value!r}"
+        elif dropped:
+            reason = "every micro-batch had non-finite entropy"
+        else:
+            reason = "no action token in the whole step"
+        self.skipped_steps += 1
+        self.consecutive_bad_steps += 1
+        logger.warning(
+            "EPO step %d skipped (%s): the history is unchanged; %d step(s) in a row, the run stops at "
+            "--epo.max_bad_steps=%d",
+            self.step,
+            reason,
+            self.consecutive_bad_steps,
+            self.config.max_bad_steps,
+        )
+        if self.consecutive_bad_steps >= self.config.max_bad_steps:
+            first = self.step - self.consecutive_bad_steps + 1
+            raise EPOHealthError(
+                f"EPO: {self.consecutive_bad_steps} consecutive RL steps ({first} to {self.step}) had no finite "
+                f"entropy statistic (last: {reason}); stopping instead of training on garbage; "
+                f"--epo.max_bad_steps={self.config.max_bad_steps} sets how many in a row are tolerated"
+            )
 
     def _metrics(self, stat, parts: torch.Tensor) -> dict[str, float]:
         nan = math.nan
@@ -177,19 +306,29 @@ class EPORankLoss(RankLoss):
         return {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "consecutive_bad_steps": self.consecutive_bad_steps,
             "config": self.config.to_dict(),
             "history": self.history.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, Mapping) or not isinstance(state.get("history"), Mapping) or "step" not in state:
+            raise ValueError(
+                "the EPO state in this checkpoint is incomplete: expected a mapping with 'step' and 'history' "
+                "as written by EPORankLoss.state_dict"
+            )
         saved = state.get("config", {})
         for key in ("aggregation", "reference", "window_size", "warmup"):
             if saved.get(key) != getattr(self.config, key):
                 raise ValueError(
                     f"the EPO state in this checkpoint was written with epo.{key}={saved.get(key)!r}, "
-                    f"but this run uses epo.{key}={getattr(self.config, key)!r}"
+                    f"but this run uses epo.{key}={getattr(self.config, key)!r}; resume with the same "
+                    f"--epo.{key} (the history means something else under another setting)"
                 )
         self.history.load_state_dict(state["history"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
+        # the ranks compare what they loaded before the first step after the resume trains
+        self._resumed = True
         self._begin_state()

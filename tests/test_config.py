@@ -61,6 +61,8 @@ def test_fields_are_the_public_api():
         "penalty",
         "reference",
         "total_steps",
+        "max_bad_steps",
+        "check_every",
     ]
 
 
@@ -102,6 +104,9 @@ BAD = [
     ("aggregation", "sequence", "trajectory, token"),
     ("penalty", "l1", "squared, hinge, indicator"),
     ("reference", "local", "global, per_turn"),
+    ("max_bad_steps", 0, ">= 1"),
+    ("max_bad_steps", 2.0, "integer"),
+    ("check_every", -1, ">= 0"),
 ]
 
 

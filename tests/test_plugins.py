@@ -1,25 +1,13 @@
 """The plugin manager: entry-point discovery, OPENRLHF_HOOKS_PLUGINS, and loud errors.
 
-Broken or conflicting plugins are real installed distributions: a *.dist-info folder with an
-entry_points.txt on sys.path, which importlib.metadata finds like any pip-installed package.
+Broken or conflicting plugins are real installed distributions (tests/support/fake_plugins.py).
 """
-
-import textwrap
 
 import pytest
 
+from fake_plugins import install_fake_plugin
 from openrlhf_hooks import LossPlugin, PluginError, RolloutProcessor, load_plugins
 from openrlhf_hooks.plugins import ENV_PLUGINS
-
-
-def install_fake_plugin(root, dist, entry_points: dict, modules: dict):
-    info = root / f"{dist}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[openrlhf_hooks]\n{lines}\n")
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
 @pytest.fixture

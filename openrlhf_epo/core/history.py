@@ -29,7 +29,8 @@ def _check_state(state: dict, kind: str, settings: dict) -> None:
         raise ValueError(f"entropy history state is of kind {state.get('kind')!r}, expected {kind!r}")
     if state.get("version") != STATE_VERSION:
         raise ValueError(
-            f"entropy history state has version {state.get('version')!r}; this build reads version {STATE_VERSION}"
+            f"entropy history state has version {state.get('version')!r}; this build reads version {STATE_VERSION} "
+            "only (the checkpoint was written by another openrlhf-epo release)"
         )
     for name, expected in settings.items():
         if state.get(name) != expected:
@@ -171,6 +172,10 @@ class PerTurnEntropyHistory:
             {"window_size": self.window_size, "warmup": self.warmup, "max_turns": self.max_turns},
         )
         self.global_history.load_state_dict(state["global"])
-        self._steps = deque(((list(s), list(c)) for s, c in state["steps"]), maxlen=self.window_size)
-        self._sums = [float(v) for v in state["sums"]]
-        self._counts = [float(v) for v in state["counts"]]
+        self._steps = deque(
+            (([_finite(v, "saved per-turn sum") for v in s], [_finite(v, "saved per-turn count") for v in c])
+             for s, c in state["steps"]),
+            maxlen=self.window_size,
+        )  # fmt: skip
+        self._sums = [_finite(v, "saved per-turn sum") for v in state["sums"]]
+        self._counts = [_finite(v, "saved per-turn count") for v in state["counts"]]

@@ -1,0 +1,252 @@
+"""ScienceWorld as an OpenRLHF 0.11.2 multi-turn environment: `--train.agent_func_path` this file.
+
+OpenRLHF loads this file by path, takes `AgentExecutor` from it, and builds one `AgentInstance` per
+rollout; it calls `reset` once and `step` after every generated action until `done`.
+
+Dataset row (`--data.input_key prompt --data.label_key label`):
+  prompt  the instructions for the model (empty: the built-in DEFAULT_INSTRUCTIONS). Plain text
+          becomes the system message; with `--data.apply_chat_template` the templated ChatML prompt is
+          kept and the first observation is appended to its last user message.
+  label   a JSON object (or its string): {"task": "find-non-living-thing", "variation": 0,
+          "simplifications": "", "max_turns": 40, "reward": "score"}. Only "task" is required; "task"
+          is any ScienceWorld task name or id.
+
+Reward: sparse. Every step but the last gives 0. The last one (task completed, task failed, or the
+max_turns cap) gives max(score, 0) / 100 with "reward": "score" (the default, ScienceWorld's own metric,
+partial credit for sub-goals), or 1.0 only for a full score with "reward": "success".
+
+Chat format: ChatML (Qwen family). Another model family needs other turn markers below.
+The JVM that each episode starts is shut down when the episode ends.
+"""
+
+import asyncio
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+from scienceworld import ScienceWorldEnv
+
+from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
+
+DEFAULT_INSTRUCTIONS = (
+    "You are an agent in ScienceWorld, a text simulation of elementary science experiments. "
+    "Each turn you receive an observation. Reply with exactly one action on a single line and nothing "
+    "else, for example: open door to kitchen\n"
+    "Action forms: look around, look at OBJ, look in OBJ, open OBJ, close OBJ, go to LOCATION, "
+    "pick up OBJ, put down OBJ, move OBJ to OBJ, pour OBJ in OBJ, mix OBJ, activate OBJ, deactivate OBJ, "
+    "use OBJ on OBJ, connect OBJ to OBJ, read OBJ, eat OBJ, inventory, wait, focus on OBJ.\n"
+    "Focus on an object only when the task asks for it: focusing on the wrong one can fail the task. "
+    "When the game lists numbered choices, reply with the number."
+)
+DEFAULT_MAX_TURNS = 40
+REWARD_MODES = ("score", "success")
+
+# Resetting would wipe the episode the reward is computed from; the model is not offered it.
+BLOCKED_ACTIONS = frozenset({"reset task"})
+# Left out of the hint's examples: "focus on" can end the task, the others swamp the list.
+HINT_SKIPPED_VERBS = ("focus on", "connect", "disconnect", "reset task", "wait1")
+HINT_EXAMPLES = 6
+INVALID_REPLIES = ("No known action matches that input.", "Unknown action.")
+
+# ChatML turn markers.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ASSISTANT_OPEN = f"{IM_START}assistant\n"
+TEMPLATED_TAIL = f"{IM_END}\n{ASSISTANT_OPEN}"
+
+_ACTION_PREFIX = re.compile(r"^(?:>\s*|action\s*:\s*)+", re.IGNORECASE)
+
+
+def parse_action(text: str) -> str:
+    """The action in a model reply: its first non-empty line, without a '> ' or 'Action:' prefix."""
+    text = text.split("<|", 1)[0]  # any special token the decoder kept marks the end of the reply
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = _ACTION_PREFIX.sub("", line).strip().strip("`\"'").rstrip(".").strip()
+    return " ".join(line.lower().split())
+
+
+def first_turn(prompt: str, observation: str) -> str:
+    """The opening context: the row's instructions, the first observation, then the assistant's turn."""
+    if prompt.endswith(TEMPLATED_TAIL):
+        head = prompt[: -len(TEMPLATED_TAIL)]
+        if head.endswith(f"{IM_START}user\n"):  # the row's prompt was empty
+            head += DEFAULT_INSTRUCTIONS
+        return f"{head}\n\n{observation}{TEMPLATED_TAIL}"
+    if IM_START in prompt:
+        raise ValueError(
+            "the prompt is chat-formatted but does not end with a ChatML generation prompt "
+            f"({TEMPLATED_TAIL!r}); pass plain instructions, or a ChatML template"
+        )
+    system = prompt.strip() or DEFAULT_INSTRUCTIONS
+    return f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{observation}{IM_END}\n{ASSISTANT_OPEN}"
+
+
+def feedback_turn(observation: str) -> str:
+    # No closing marker for the assistant's turn: its <|im_end|> is the stop token, which vLLM keeps in
+    # the token ids (the ones trained on) though not in the text.
+    return f"\n{IM_START}user\n{observation}{IM_END}\n{ASSISTANT_OPEN}"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    variation: int = 0
+    simplifications: str = ""
+    max_turns: int = DEFAULT_MAX_TURNS
+    reward: str = "score"
+
+    @classmethod
+    def from_label(cls, label) -> "TaskSpec":
+        if isinstance(label, str):
+            if not label.strip():
+                raise ValueError("empty label: set --data.label_key to the column holding the task JSON")
+            label = json.loads(label)
+        if not isinstance(label, dict):
+            raise ValueError(f"label must be a JSON object, got {type(label).__name__}")
+        # A dataset with a struct column fills keys missing from a row with None: those take defaults.
+        given = {key: value for key, value in label.items() if value is not None}
+        unknown = set(given) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown label keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        if "task" not in given:
+            raise ValueError("label needs a 'task' (a ScienceWorld task name or id)")
+        spec = cls(
+            task=str(given["task"]),
+            variation=int(given.get("variation", 0)),
+            simplifications=str(given.get("simplifications", "")),
+            max_turns=int(given.get("max_turns", DEFAULT_MAX_TURNS)),
+            reward=str(given.get("reward", "score")),
+        )
+        if spec.reward not in REWARD_MODES:
+            raise ValueError(f"label 'reward' must be one of {REWARD_MODES}, got {spec.reward!r}")
+        if spec.max_turns < 1:
+            raise ValueError("label 'max_turns' must be at least 1")
+        return spec
+
+
+def initial_observation(task_description: str, look: str) -> str:
+    return f"Task: {task_description.strip()}\n\n{look.strip()}"
+
+
+def is_invalid(observation: str) -> bool:
+    return observation.strip().startswith(INVALID_REPLIES)
+
+
+def invalid_action_feedback(action: str, reason: str, valid_actions, rng: random.Random) -> str:
+    """Tells the model its action was not understood, with a few actions that would be."""
+    candidates = [a for a in valid_actions if not a.startswith(HINT_SKIPPED_VERBS)]
+    examples = rng.sample(candidates, min(HINT_EXAMPLES, len(candidates)))
+    shown = f'"{action}"' if action else "an empty reply"
+    return (
+        f"Invalid action: {shown}. {reason}\n"
+        f"Some valid actions here: {'; '.join(examples)}.\n"
+        "Reply with exactly one action on one line."
+    )
+
+
+def terminal_reward(score: int, mode: str) -> float:
+    """Episode reward from ScienceWorld's 0..100 score (negative when the task was failed)."""
+    if mode == "success":
+        return 1.0 if score >= 100 else 0.0
+    return max(score, 0) / 100.0
+
+
+@dataclass
+class Outcome:
+    observation: str
+    reward: float
+    done: bool
+    logs: dict = field(default_factory=dict)
+
+
+class ScienceWorldEpisode:
+    """One episode in its own JVM, synchronous: `start`, then `act` until `done`."""
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.env = None
+        self.turns = 0
+        self.invalid_actions = 0
+        self.score = 0
+        self.valid_actions = []
+        self.done = False
+        self._rng = random.Random(f"{spec.task}/{spec.variation}")
+
+    def start(self) -> str:
+        self.env = ScienceWorldEnv("", envStepLimit=self.spec.max_turns)
+        try:
+            self.env.load(self.spec.task, self.spec.variation, self.spec.simplifications)
+            look, info = self.env.reset()
+        except Exception:
+            self.close()
+            raise
+        self.valid_actions = info["valid"]
+        return initial_observation(self.env.get_task_description(), look)
+
+    def act(self, reply: str) -> Outcome:
+        if self.done:
+            raise RuntimeError("the episode is over")
+        self.turns += 1
+        action = parse_action(reply)
+        completed = False
+        if not action:
+            observation, invalid = "No action found in the reply.", True
+        elif action in BLOCKED_ACTIONS:
+            observation, invalid = f'"{action}" is not available in this episode.', True
+        else:
+            observation, _, completed, info = self.env.step(action)
+            self.score, self.valid_actions = info["score"], info["valid"]
+            invalid = is_invalid(observation)
+        if invalid:
+            self.invalid_actions += 1
+            observation = invalid_action_feedback(action, observation.strip(), self.valid_actions, self._rng)
+        self.done = completed or self.turns >= self.spec.max_turns
+        reward = terminal_reward(self.score, self.spec.reward) if self.done else 0.0
+        if self.done:
+            self.close()
+        return Outcome(observation.strip(), reward, self.done, self.logs())
+
+    def logs(self) -> dict:
+        # Same keys on every step: OpenRLHF keeps the last step's and batches them across episodes.
+        return {
+            "env_score": max(self.score, 0) / 100.0,
+            "env_success": float(self.score >= 100),
+            "env_invalid_actions": float(self.invalid_actions),
+            "env_turns": float(self.turns),
+        }
+
+    def close(self) -> None:
+        env, self.env = self.env, None
+        if env is not None:
+            env.close()
+
+
+class AgentInstance(AgentInstanceBase):
+    """OpenRLHF's per-rollout environment. JVM calls block, so they run in a worker thread, off the
+    rollout actor's event loop. An episode OpenRLHF abandons (context budget spent) is closed by
+    ScienceWorldEnv's own finaliser when this instance is dropped."""
+
+    def __init__(self, *args, **kwargs):
+        self.episode = None
+
+    async def reset(self, states: dict, **kwargs):
+        self.episode = ScienceWorldEpisode(TaskSpec.from_label(states["label"]))
+        observation = await asyncio.to_thread(self.episode.start)
+        return {"observation": first_turn(states["observation"], observation)}
+
+    async def step(self, states: dict, **kwargs):
+        outcome = await asyncio.to_thread(self.episode.act, states["action_text"])
+        return {
+            "rewards": torch.tensor(outcome.reward),
+            "scores": torch.tensor(outcome.reward),
+            # Nothing follows the last action, so the sequence ends on it.
+            "environment_feedback": "" if outcome.done else feedback_turn(outcome.observation),
+            "done": outcome.done,
+            "extra_logs": outcome.logs,
+        }
+
+
+class AgentExecutor(MultiTurnAgentExecutor):
+    def __init__(self):
+        super().__init__(AgentInstance)

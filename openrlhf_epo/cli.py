@@ -1,0 +1,242 @@
+"""`openrlhf-epo`: the CPU demo (baseline versus EPO on a multi-turn agent task) and its plots.
+
+    openrlhf-epo demo [--quick] [--seeds 3] [--presets seed,paper-sciworld] [--nproc 2] [--epo.<field> V]
+    openrlhf-epo plot RUN_DIR
+
+Every argument is checked before any model is built; a bad one exits 2 with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+QUICK = {"steps": 20, "groups": 4, "group_size": 8}
+DEFAULTS = {"steps": 150, "groups": 8, "group_size": 8}
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid: expected an integer >= 1") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag}={value} is invalid: expected an integer >= 1")
+        return value
+
+    return parse
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid: expected a number > 0") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag}={value} is invalid: expected a finite number > 0")
+        return value
+
+    return parse
+
+
+def _epo_plugin():
+    from openrlhf_hooks.plugins import get_registry
+
+    return get_registry().loss_plugin("epo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openrlhf-epo", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plot}")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small agent on CPU, baseline versus EPO, and plot entropy and success",
+        description="Trains a small causal LM policy on CPU in a multi-turn environment with a sparse final "
+        "reward: a baseline (group-normalised advantages, clipped policy gradient, no entropy term) and the "
+        "same host with the epo loss plugin, for each preset and seed. Environment knobs: --env.<field> "
+        "VALUE (KeyDoor: rooms, max_turns; TextWorld-Express with --model smollm2: game, params, max_turns).",
+    )
+    demo.set_defaults(command_parser=demo)
+    demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
+    demo.add_argument("--quick", action="store_true", help=f"a short real run: {QUICK} unless given")
+    demo.add_argument("--steps", type=_positive_int("--steps"), help=f"RL steps per run (default {DEFAULTS['steps']})")
+    demo.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
+    demo.add_argument(
+        "--presets",
+        default=None,
+        help="comma-separated EPO presets to compare with the baseline (default: seed, or the preset of --epo.config)",
+    )
+    demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
+    demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="tiny: 2-layer Qwen2 built here")
+    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, help="data-parallel ranks over gloo")
+    demo.add_argument("--groups", type=_positive_int("--groups"), help=f"layouts per RL step (default {DEFAULTS['groups']})")
+    demo.add_argument(
+        "--group_size", type=_positive_int("--group_size"), help=f"episodes per layout (default {DEFAULTS['group_size']})"
+    )
+    demo.add_argument("--lr", type=_positive_float("--lr"), default=3e-3, help="Adam learning rate")
+    demo.add_argument("--ppo_epochs", type=_positive_int("--ppo_epochs"), default=2, help="passes over each batch")
+    demo.add_argument("--minibatches", type=_positive_int("--minibatches"), default=2, help="optimizer steps per pass")
+    demo.add_argument("--save_every", type=int, default=25, help="checkpoint every N steps (0: never)")
+    demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    demo.add_argument("--no_progress", action="store_true", help="no progress bars")
+    _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
+
+    plot = commands.add_parser("plot", help="redraw the PNGs and summary of a demo folder from its metrics.jsonl")
+    plot.set_defaults(command_parser=plot)
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    return parser
+
+
+def _env_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> dict:
+    """--env.<field> VALUE pairs (integers where they parse); anything else is an unknown flag."""
+    env: dict = {}
+    tokens = list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--env."):
+            parser.error(f"unrecognized argument: {token}")
+        key, _, value = token[len("--env.") :].partition("=")
+        if not value:
+            if not tokens:
+                parser.error(f"{token} needs a value")
+            value = tokens.pop(0)
+        env[key] = int(value) if value.lstrip("-").isdigit() else value
+    return env
+
+
+def _check_env(model: str, env: dict, parser: argparse.ArgumentParser) -> None:
+    if model == "smollm2":
+        from openrlhf_epo.demo.twx import twx_config as make_config
+    else:
+        from openrlhf_epo.demo.env import KeyDoorConfig as make_config
+    allowed = [f.name for f in dataclasses.fields(make_config)] if dataclasses.is_dataclass(make_config) else None
+    for key in env:
+        if allowed is not None and key not in allowed:
+            parser.error(f"unknown flag --env.{key}; with --model {model} the environment takes --env.{', --env.'.join(allowed)}")
+    try:
+        make_config(**env)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+
+
+def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: dict) -> list:
+    """The RunSpecs of the comparison, every input validated; nothing heavy happens here."""
+    from openrlhf_epo.demo.host import RunSpec
+    from openrlhf_epo.plugin import load_config_file
+    from openrlhf_hooks.api import PluginConfigError
+    from openrlhf_hooks.train_ppo_ray import plugin_flags
+
+    flags = plugin_flags(args, "epo")
+    if flags.get("preset"):
+        parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
+    names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else [None]
+    if not names:
+        parser.error(f"--presets={args.presets!r} is invalid: give at least one preset name")
+    variants: list[tuple[str, Optional[dict]]] = [] if args.no_baseline else [("baseline", None)]
+    plugin = _epo_plugin()
+    for preset in names:
+        try:
+            config = plugin.resolve_config({**flags, "preset": preset})
+        except PluginConfigError as exc:
+            parser.error(str(exc).replace("--epo.preset", "--presets"))
+        if preset is None:  # the preset the config file names, else the default
+            preset = load_config_file(flags["config"]).get("preset", "seed") if flags.get("config") else "seed"
+        variants.append((f"epo-{preset}", config))
+    if not variants:
+        parser.error("--no_baseline with no --presets leaves nothing to run")
+    if len({name for name, _ in variants}) != len(variants):
+        parser.error(f"--presets={args.presets!r} names a preset twice")
+    if args.save_every < 0:
+        parser.error(f"--save_every={args.save_every} is invalid: expected an integer >= 0")
+
+    sizes = QUICK if args.quick else DEFAULTS
+    steps = args.steps or sizes["steps"]
+    groups = args.groups or sizes["groups"]
+    group_size = args.group_size or sizes["group_size"]
+    if groups % args.nproc:
+        parser.error(f"--groups={groups} is invalid: must be a multiple of --nproc={args.nproc}")
+    if group_size < 2:
+        parser.error(f"--group_size={group_size} is invalid: group-normalised advantages need at least 2")
+    if args.minibatches > groups * group_size // args.nproc:
+        parser.error(f"--minibatches={args.minibatches} is invalid: more than the {groups * group_size // args.nproc} episodes per rank")
+
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.glob("*/metrics.jsonl")) and not args.resume:
+        parser.error(f"--out={out} already holds demo runs: pass --resume to continue them, or choose another --out")
+    if args.resume and not out.exists():
+        parser.error(f"--resume: --out={out} does not exist")
+    specs = []
+    for name, config in variants:
+        for seed in range(args.seeds):
+            specs.append(
+                RunSpec(
+                    name=name,
+                    run_dir=str(out / f"{name}-s{seed}"),
+                    seed=seed,
+                    steps=steps,
+                    epo_config=config,
+                    env=dict(env),
+                    model=args.model,
+                    groups=groups,
+                    group_size=group_size,
+                    lr=args.lr,
+                    ppo_epochs=args.ppo_epochs,
+                    minibatches=args.minibatches,
+                    nproc=args.nproc,
+                    save_every=args.save_every,
+                    resume=args.resume,
+                    progress=not args.no_progress,
+                )
+            )
+    return specs
+
+
+def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Sequence[str]) -> int:
+    env = _env_overrides(extra, parser)
+    _check_env(args.model, env, parser)
+    specs = plan_runs(args, parser, env)
+    out = Path(specs[0].run_dir).parent
+    out.mkdir(parents=True, exist_ok=True)
+
+    from openrlhf_epo.demo.host import run
+    from openrlhf_epo.demo.plots import plot_out, summary_table
+
+    print(f"[demo] {len(specs)} runs of {specs[0].steps} steps into {out}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    for index, spec in enumerate(specs, 1):
+        print(f"[demo] run {index}/{len(specs)}: {spec.name} seed {spec.seed}", file=sys.stderr, flush=True)
+        run(spec)
+        plot_out(out)  # refreshed after every run, so an interrupted comparison still has its pictures
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; plots: {out / 'entropy.png'}, {out / 'success.png'}", file=sys.stderr)
+    import json
+
+    print(summary_table(json.loads((out / "summary.json").read_text())), end="")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "plot":
+        if extra:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from openrlhf_epo.demo.plots import plot_out
+
+        try:
+            written = plot_out(args.run_dir)
+        except FileNotFoundError as exc:
+            args.command_parser.error(str(exc))
+        print("\n".join(str(path) for path in written))
+        return 0
+    return demo(args, args.command_parser, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
