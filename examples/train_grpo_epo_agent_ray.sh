@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GRPO-style (group_norm advantages, no critic) + EPO on a multi-turn agent. GPU run, one 8-GPU node.
-# Needs: pip install "openrlhf-epo[gpu]" on every node. Set AGENT_FUNC_PATH and PROMPT_DATA.
+# Needs: pip install "openrlhf-epo[gpu]" on every node. Set AGENT_FUNC_PATH and PROMPT_DATA
+# (e.g. examples/agents/scienceworld_agent.py with rows as in examples/agents/README.md).
 # EPO's own presets: seed | paper-sciworld | paper-alfworld | released-code; any --epo.<field> overrides.
 set -euo pipefail
 : "${AGENT_FUNC_PATH:?set AGENT_FUNC_PATH to an OpenRLHF agent file}"
@@ -21,7 +22,7 @@ ray job submit --address="http://127.0.0.1:8265" \
    --vllm.num_engines 4 --vllm.tensor_parallel_size 2 \
    --train.colocate_all --vllm.gpu_memory_utilization 0.6 \
    --train.agent_func_path "$AGENT_FUNC_PATH" \
-   --data.prompt_dataset "$PROMPT_DATA" --data.input_key prompt --data.apply_chat_template \
+   --data.prompt_dataset "$PROMPT_DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
    --data.max_len 8192 \
    --algo.advantage.estimator group_norm \
    --rollout.n_samples_per_prompt 8 \

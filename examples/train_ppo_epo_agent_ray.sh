@@ -2,7 +2,8 @@
 # PPO (GAE critic) + EPO on a multi-turn agent, OpenRLHF 0.11.2 on one 8-GPU node. GPU run.
 # Needs: pip install "openrlhf-epo[gpu]" on every node (torch with CUDA, flash-attn, vLLM).
 # Set AGENT_FUNC_PATH to your AgentExecutor file (OpenRLHF's --train.agent_func_path), and
-# PROMPT_DATA to a dataset of task prompts. Everything except --loss_plugin/--epo.* is OpenRLHF's.
+# PROMPT_DATA to a dataset of task prompts (examples/agents/ has ScienceWorld and TextWorld-Express
+# agent files and their row format). Everything except --loss_plugin/--epo.* is OpenRLHF's.
 set -euo pipefail
 : "${AGENT_FUNC_PATH:?set AGENT_FUNC_PATH to an OpenRLHF agent file}"
 : "${PROMPT_DATA:?set PROMPT_DATA to a prompt dataset}"
@@ -22,7 +23,7 @@ ray job submit --address="http://127.0.0.1:8265" \
    --ref.num_nodes 1 --ref.num_gpus_per_node 2 \
    --vllm.num_engines 2 --vllm.tensor_parallel_size 1 \
    --train.agent_func_path "$AGENT_FUNC_PATH" \
-   --data.prompt_dataset "$PROMPT_DATA" --data.input_key prompt --data.apply_chat_template \
+   --data.prompt_dataset "$PROMPT_DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
    --data.max_len 8192 \
    --algo.advantage.estimator gae \
    --rollout.batch_size 64 --rollout.micro_batch_size 4 \

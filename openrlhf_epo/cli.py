@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+# The default comparison (no --presets, no --epo.* flag): the seed preset with a smaller entropy
+# weight. The preset's lambda_entropy=0.1 holds this 4-action policy near its maximum entropy
+# (ln 4 = 1.386), so it barely learns in 150 steps; README "CPU demo" has the sweep behind 0.03.
+DEMO_EPO_FLAGS = {"lambda_entropy": "0.03"}
 QUICK = {"steps": 20, "groups": 4, "group_size": 8}
 DEFAULTS = {"steps": 150, "groups": 8, "group_size": 8}
 
@@ -71,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--presets",
         default=None,
-        help="comma-separated EPO presets to compare with the baseline (default: seed, or the preset of --epo.config)",
+        help="comma-separated EPO presets to compare with the baseline (default: seed with --epo.lambda_entropy "
+        f"{DEMO_EPO_FLAGS['lambda_entropy']} when no --epo.* flag is given; else seed, or the preset of --epo.config)",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
     demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="tiny: 2-layer Qwen2 built here")
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minibatches", type=_positive_int("--minibatches"), default=2, help="optimizer steps per pass")
     demo.add_argument("--save_every", type=int, default=25, help="checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    demo.add_argument(
+        "--jobs", type=_positive_int("--jobs"), help="runs trained at once (default: CPU cores / --nproc, at most the runs)"
+    )
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
     _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
 
@@ -136,6 +146,9 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     flags = plugin_flags(args, "epo")
     if flags.get("preset"):
         parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
+    if args.presets is None and not any(value is not None for value in flags.values()):
+        flags.update(DEMO_EPO_FLAGS)
+    overridden = [(field, value) for field, value in flags.items() if value is not None and field != "config"]
     names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else [None]
     if not names:
         parser.error(f"--presets={args.presets!r} is invalid: give at least one preset name")
@@ -148,7 +161,8 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
             parser.error(str(exc).replace("--epo.preset", "--presets"))
         if preset is None:  # the preset the config file names, else the default
             preset = load_config_file(flags["config"]).get("preset", "seed") if flags.get("config") else "seed"
-        variants.append((f"epo-{preset}", config))
+        suffix = "".join(f"-{field}-{value}" for field, value in overridden)
+        variants.append((f"epo-{preset}{suffix}", config))
     if not variants:
         parser.error("--no_baseline with no --presets leaves nothing to run")
     if len({name for name, _ in variants}) != len(variants):
@@ -172,6 +186,10 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
         parser.error(f"--out={out} already holds demo runs: pass --resume to continue them, or choose another --out")
     if args.resume and not out.exists():
         parser.error(f"--resume: --out={out} does not exist")
+    runs = len(variants) * args.seeds
+    cores = len(os.sched_getaffinity(0))
+    args.jobs = min(args.jobs or max(1, cores // args.nproc), runs)
+    threads = max(1, cores // (args.jobs * args.nproc))  # never more threads than cores
     specs = []
     for name, config in variants:
         for seed in range(args.seeds):
@@ -192,7 +210,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     nproc=args.nproc,
                     save_every=args.save_every,
                     resume=args.resume,
-                    progress=not args.no_progress,
+                    threads=threads,
                 )
             )
     return specs
@@ -205,20 +223,78 @@ def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Seque
     out = Path(specs[0].run_dir).parent
     out.mkdir(parents=True, exist_ok=True)
 
-    from openrlhf_epo.demo.host import run
     from openrlhf_epo.demo.plots import plot_out, summary_table
 
-    print(f"[demo] {len(specs)} runs of {specs[0].steps} steps into {out}", file=sys.stderr, flush=True)
+    print(f"[demo] {len(specs)} runs of {specs[0].steps} steps, {args.jobs} at a time, into {out}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    for index, spec in enumerate(specs, 1):
-        print(f"[demo] run {index}/{len(specs)}: {spec.name} seed {spec.seed}", file=sys.stderr, flush=True)
-        run(spec)
-        plot_out(out)  # refreshed after every run, so an interrupted comparison still has its pictures
+    failed = run_all(specs, args.jobs, progress=not args.no_progress, after_each=lambda: plot_out(out))
+    if failed:
+        print(f"[demo] {failed}; finished runs are plotted; rerun with --resume to continue", file=sys.stderr)
+        return 1
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; plots: {out / 'entropy.png'}, {out / 'success.png'}", file=sys.stderr)
-    import json
-
     print(summary_table(json.loads((out / "summary.json").read_text())), end="")
     return 0
+
+
+def _last_row(path: Path) -> Optional[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return json.loads(lines[-1]) if lines and lines[-1].strip() else None
+
+
+def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]:
+    """Runs every spec, `jobs` at a time in child processes; this process draws one progress bar per
+    run from its metrics.jsonl (written atomically by the run's rank 0) and calls `after_each()` as
+    runs finish. Returns None, or a one-line description of the first failure."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    from openrlhf_epo.demo.host import run
+
+    bars = {}
+    if progress:
+        for position, spec in enumerate(specs):
+            bars[spec.run_dir] = tqdm(
+                total=spec.steps, desc=f"{spec.name} s{spec.seed}", unit="step", position=position, dynamic_ncols=True, leave=True
+            )
+    shown = {spec.run_dir: -1 for spec in specs}
+
+    def refresh() -> None:
+        for spec in specs:
+            row = _last_row(Path(spec.run_dir) / "metrics.jsonl")
+            if row is None or row["step"] == shown[spec.run_dir] or spec.run_dir not in bars:
+                continue
+            bar = bars[spec.run_dir]
+            entropy = row.get("entropy")
+            bar.set_postfix(success=f"{row['success_rate']:.2f}", entropy="-" if entropy is None else f"{entropy:.3f}", refresh=False)
+            bar.update(row["step"] + 1 - bar.n)
+            shown[spec.run_dir] = row["step"]
+
+    failure = None
+    # spawn: the runs build their own torch state; a forked child would share this process's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(run, spec): spec for spec in specs}
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            refresh()
+            for future in done:
+                spec = pending.pop(future)
+                try:
+                    future.result()
+                except Exception as exc:  # report the run by name; the others are cancelled
+                    failure = failure or f"run {spec.name} seed {spec.seed} failed: {type(exc).__name__}: {exc}"
+                    for other in pending:
+                        other.cancel()
+                after_each()
+            if failure:
+                break
+    for bar in bars.values():
+        bar.close()
+    return failure
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ class RunSpec:
     nproc: int = 1
     save_every: int = 0
     resume: bool = False
-    progress: bool = True
+    threads: int = 0  # torch intra-op threads per rank (0: torch's default)
 
 
 @dataclass
@@ -224,6 +223,8 @@ def _finite_or_none(value: Any) -> Any:
 class Trainer:
     def __init__(self, spec: RunSpec):
         self.spec = spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         self.ranks = Ranks(spec.nproc)
         if spec.groups % spec.nproc:
             raise ValueError(f"--groups={spec.groups} must be a multiple of --nproc={spec.nproc}")
@@ -361,11 +362,6 @@ class Trainer:
         elif self.ranks.rank == 0:
             atomic_write_text(self.run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
             atomic_write_text(self.metrics_path, "")
-        progress = None
-        if spec.progress and self.ranks.rank == 0:
-            from tqdm import tqdm
-
-            progress = tqdm(total=spec.steps, initial=self.step, desc=spec.name, unit="step", dynamic_ncols=True)
         while self.step < spec.steps:
             started = time.perf_counter()
             experience = self.collect()
@@ -393,19 +389,11 @@ class Trainer:
             if self.ranks.rank == 0:
                 self.lines.append(json.dumps(row))
                 atomic_write_text(self.metrics_path, "\n".join(self.lines) + "\n")
-            if spec.save_every and self.step % spec.save_every == 0:
+            if spec.save_every and (self.step % spec.save_every == 0 or self.step == spec.steps):
                 self.save()
-            if progress is not None:
-                entropy = row["entropy"]
-                progress.set_postfix(success=f"{row['success_rate']:.2f}", entropy=f"{entropy:.3f}" if entropy is not None else "-")
-                progress.update(1)
-        if progress is not None:
-            progress.close()
 
 
 def _rank_main(rank: int, spec: RunSpec, port: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.nproc)
     try:
         Trainer(spec).run()

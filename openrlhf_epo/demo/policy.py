@@ -38,8 +38,12 @@ class Policy:
             return ([self.tokenizer.bos_token_id] if first else []) + ids
         messages = [{"role": "user", "content": text}]
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if not first:  # a later turn continues the conversation: drop the system preamble
-            rendered = rendered[rendered.index("<|im_start|>user") :]
+        if not first:
+            # A later turn continues the conversation, without the system preamble. The reply before
+            # it ended at a stop token; after the usual one, <|im_end|>, ChatML puts a newline before
+            # the next turn. (A reply cut at a newline or at the token cap stays unclosed, as in
+            # OpenRLHF's multi-turn agents.)
+            rendered = "\n" + rendered[rendered.index("<|im_start|>user") :]
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     def decode_action(self, ids: list[int]) -> str:
@@ -100,15 +104,27 @@ def smollm2_location() -> tuple[Path, str]:
     return found[0].parent, found[0].name
 
 
-def smollm2_policy(max_action_tokens: int = 8) -> Policy:
+def smollm2_policy(max_action_tokens: int = 6) -> Policy:
+    """SmolLM2-135M-Instruct in float32. Six tokens hold the longest TextWorld-Express command of the
+    default game plus its stop token; each extra one costs a forward pass per turn of every episode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = smollm2_location()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, torch_dtype=torch.float32)
-    stops = tuple(
-        i for i in (tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>", "Ċ"])) if i is not None
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
+    # A reply ends at the end of the assistant's turn, at a new turn or document, or at its first
+    # line break: any of the 129 tokens whose text holds a newline. The GGUF's eos id is
+    # <|im_start|>, so the markers are looked up by name rather than through eos_token_id.
+    markers = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "<|endoftext|>"])
+    if len(set(markers)) != 3:
+        raise RuntimeError(f"{gguf} lacks the ChatML markers this policy stops at")
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    newlines = [i for i, text in enumerate(texts) if "\n" in text]
     return Policy(
-        model=model, tokenizer=tokenizer, allowed_ids=None, max_action_tokens=max_action_tokens, stop_ids=stops, chat=True
+        model=model,
+        tokenizer=tokenizer,
+        allowed_ids=None,
+        max_action_tokens=max_action_tokens,
+        stop_ids=tuple(dict.fromkeys([*markers, *newlines])),
+        chat=True,
     )
