@@ -129,9 +129,10 @@ def plot_out(out: Path) -> list[Path]:
             _, upper = _series(run["rows"], "upper")
             if band_steps:
                 axis.fill_between(band_steps, lower, upper, color=color, alpha=0.15, lw=0)
-        axis.set_title(name + (" (band: EPO corridor)" if name != "baseline" else ""))
+        axis.set_title(name, fontsize=10)
         axis.set_xlabel("RL step")
         axis.grid(alpha=0.3)
+    figure.suptitle("policy entropy per RL step; shaded: EPO's corridor [lower, upper]", fontsize=11)
     axes[0][0].set_ylabel("policy entropy (nats)")
     axes[0][0].legend(fontsize=8)
     entropy_png = out / "entropy.png"
@@ -145,7 +146,7 @@ def plot_out(out: Path) -> list[Path]:
             steps, success = _series(run["rows"], "success_rate")
             axis.plot(steps, success, color=color, lw=0.6, alpha=0.35)
             axis.plot(steps, _moving_average(success, SMOOTHING), color=color, lw=1.6, label=f"seed {run['seed']}")
-        axis.set_title(name)
+        axis.set_title(name, fontsize=10)
         axis.set_xlabel("RL step")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
