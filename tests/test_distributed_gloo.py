@@ -5,12 +5,9 @@ step statistic, the per-turn history and the reference, and the summed gradients
 (global denominator, squared penalty linearized at the global L_H) equal a single process's.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from openrlhf_epo import EPOConfig
 from openrlhf_epo.core import (
@@ -21,6 +18,8 @@ from openrlhf_epo.core import (
     step_statistic_parts,
     token_entropy,
 )
+
+from gloo import run_ranks  # tests/support
 
 STEPS = 4
 
@@ -94,25 +93,9 @@ def _worker(rank: int, world: int, port: int, queue):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    processes = [ctx.Process(target=_worker, args=(rank, 2, port, queue)) for rank in range(2)]
-    for p in processes:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
-    for p in processes:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return run_ranks(_worker, world=2)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

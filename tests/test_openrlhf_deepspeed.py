@@ -12,7 +12,6 @@ batch shapes. Both ranks agree with each other exactly.
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gloo import free_port  # tests/support
 from openrlhf_epo.core import phase_weight
 
 SUPPORT = Path(__file__).parent / "support"
@@ -57,14 +57,8 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world, flags, model_dir, out_dir, checkpoint_dir=None):
-    port = _free_port()
+    port = free_port()
     processes, outputs, logs = [], [], []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))

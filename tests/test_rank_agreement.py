@@ -6,13 +6,11 @@ Agreeing ranks train on; a rank whose history was changed, or that resumed from 
 stops both ranks with EPOHealthError naming the ranks.
 """
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from openrlhf_epo import EPOConfig
 from openrlhf_epo import rank as rank_module
@@ -20,6 +18,8 @@ from openrlhf_epo.core import token_entropy
 from openrlhf_epo.rank import EPOHealthError, EPORankLoss
 from openrlhf_hooks import RankContext
 from openrlhf_hooks.trainer import dp_all_reduce_sum
+
+from gloo import run_ranks  # tests/support
 
 MASK = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 1, 1, 1]])
 INFO = {"global_batch_size": 4, "batch_num_tokens": 2 * int(MASK.sum()), "dp_size": 2}
@@ -90,25 +90,9 @@ def _worker(rank: int, world: int, port: int, queue):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    processes = [ctx.Process(target=_worker, args=(rank, 2, port, queue)) for rank in range(2)]
-    for p in processes:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
-    for p in processes:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return run_ranks(_worker, world=2)
 
 
 def test_agreeing_ranks_check_every_step_and_train_on(two_ranks):

@@ -15,20 +15,24 @@ Reward: sparse. Every step but the last gives 0. The last one (task completed, t
 max_turns cap) gives max(score, 0) / 100 with "reward": "score" (the default, ScienceWorld's own metric,
 partial credit for sub-goals), or 1.0 only for a full score with "reward": "success".
 
-Chat format: ChatML (Qwen family). Another model family needs other turn markers below.
+Chat format: ChatML (Qwen family). Another model family needs other turn markers (in text_game_agent.py).
 The JVM that each episode starts is shut down when the episode ends.
 """
 
-import asyncio
-import json
 import random
-import re
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from scienceworld import ScienceWorldEnv
 
-from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
+from openrlhf.utils.agent import MultiTurnAgentExecutor
+
+# OpenRLHF loads this file by path, not as part of a package: make its sibling importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# parse_action and feedback_turn are part of this file's interface too (the tests call them here).
+from text_game_agent import EpisodeAgentInstance, Outcome, feedback_turn, label_fields, parse_action  # noqa: E402,F401
+from text_game_agent import first_turn as chatml_first_turn  # noqa: E402
 
 DEFAULT_INSTRUCTIONS = (
     "You are an agent in ScienceWorld, a text simulation of elementary science experiments. "
@@ -50,42 +54,11 @@ HINT_SKIPPED_VERBS = ("focus on", "connect", "disconnect", "reset task", "wait1"
 HINT_EXAMPLES = 6
 INVALID_REPLIES = ("No known action matches that input.", "Unknown action.")
 
-# ChatML turn markers.
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-ASSISTANT_OPEN = f"{IM_START}assistant\n"
-TEMPLATED_TAIL = f"{IM_END}\n{ASSISTANT_OPEN}"
-
-_ACTION_PREFIX = re.compile(r"^(?:>\s*|action\s*:\s*)+", re.IGNORECASE)
-
-
-def parse_action(text: str) -> str:
-    """The action in a model reply: its first non-empty line, without a '> ' or 'Action:' prefix."""
-    text = text.split("<|", 1)[0]  # any special token the decoder kept marks the end of the reply
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    line = _ACTION_PREFIX.sub("", line).strip().strip("`\"'").rstrip(".").strip()
-    return " ".join(line.lower().split())
-
 
 def first_turn(prompt: str, observation: str) -> str:
-    """The opening context: the row's instructions, the first observation, then the assistant's turn."""
-    if prompt.endswith(TEMPLATED_TAIL):
-        head = prompt[: -len(TEMPLATED_TAIL)]
-        if head.endswith(f"{IM_START}user\n"):  # the row's prompt was empty
-            head += DEFAULT_INSTRUCTIONS
-        return f"{head}\n\n{observation}{TEMPLATED_TAIL}"
-    if IM_START in prompt:
-        raise ValueError(
-            "the prompt is chat-formatted but does not end with a ChatML generation prompt "
-            f"({TEMPLATED_TAIL!r}); pass plain instructions, or a ChatML template"
-        )
-    system = prompt.strip() or DEFAULT_INSTRUCTIONS
-    return f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{observation}{IM_END}\n{ASSISTANT_OPEN}"
-
-
-def feedback_turn(observation: str) -> str:
-    # No closing marker for the assistant's turn: its <|im_end|> is the stop token, which vLLM keeps in
-    # the token ids (the ones trained on) though not in the text.
-    return f"\n{IM_START}user\n{observation}{IM_END}\n{ASSISTANT_OPEN}"
+    """The opening context: the row's instructions (or DEFAULT_INSTRUCTIONS), the first observation,
+    then the assistant's turn."""
+    return chatml_first_turn(prompt, observation, DEFAULT_INSTRUCTIONS)
 
 
 @dataclass(frozen=True)
@@ -98,19 +71,7 @@ class TaskSpec:
 
     @classmethod
     def from_label(cls, label) -> "TaskSpec":
-        if isinstance(label, str):
-            if not label.strip():
-                raise ValueError("empty label: set --data.label_key to the column holding the task JSON")
-            label = json.loads(label)
-        if not isinstance(label, dict):
-            raise ValueError(f"label must be a JSON object, got {type(label).__name__}")
-        # A dataset with a struct column fills keys missing from a row with None: those take defaults.
-        given = {key: value for key, value in label.items() if value is not None}
-        unknown = set(given) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown label keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        if "task" not in given:
-            raise ValueError("label needs a 'task' (a ScienceWorld task name or id)")
+        given = label_fields(label, cls.__dataclass_fields__, "task", "a ScienceWorld task name or id", "task")
         spec = cls(
             task=str(given["task"]),
             variation=int(given.get("variation", 0)),
@@ -150,14 +111,6 @@ def terminal_reward(score: int, mode: str) -> float:
     if mode == "success":
         return 1.0 if score >= 100 else 0.0
     return max(score, 0) / 100.0
-
-
-@dataclass
-class Outcome:
-    observation: str
-    reward: float
-    done: bool
-    logs: dict = field(default_factory=dict)
 
 
 class ScienceWorldEpisode:
@@ -222,29 +175,14 @@ class ScienceWorldEpisode:
             env.close()
 
 
-class AgentInstance(AgentInstanceBase):
-    """OpenRLHF's per-rollout environment. JVM calls block, so they run in a worker thread, off the
-    rollout actor's event loop. An episode OpenRLHF abandons (context budget spent) is closed by
-    ScienceWorldEnv's own finaliser when this instance is dropped."""
+class AgentInstance(EpisodeAgentInstance):
+    """One ScienceWorld episode per rollout. An episode OpenRLHF abandons (context budget spent) is closed
+    by ScienceWorldEnv's own finaliser when this instance is dropped."""
 
-    def __init__(self, *args, **kwargs):
-        self.episode = None
+    instructions = DEFAULT_INSTRUCTIONS
 
-    async def reset(self, states: dict, **kwargs):
-        self.episode = ScienceWorldEpisode(TaskSpec.from_label(states["label"]))
-        observation = await asyncio.to_thread(self.episode.start)
-        return {"observation": first_turn(states["observation"], observation)}
-
-    async def step(self, states: dict, **kwargs):
-        outcome = await asyncio.to_thread(self.episode.act, states["action_text"])
-        return {
-            "rewards": torch.tensor(outcome.reward),
-            "scores": torch.tensor(outcome.reward),
-            # Nothing follows the last action, so the sequence ends on it.
-            "environment_feedback": "" if outcome.done else feedback_turn(outcome.observation),
-            "done": outcome.done,
-            "extra_logs": outcome.logs,
-        }
+    def new_episode(self, label):
+        return ScienceWorldEpisode(TaskSpec.from_label(label))
 
 
 class AgentExecutor(MultiTurnAgentExecutor):
