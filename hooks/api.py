@@ -44,8 +44,16 @@ class RankContext:
 class RankLoss:
     """The rank-side part of a loss plugin; the host adapter drives it.
 
-    Call order per RL step: begin_step(); for each micro-batch policy_loss(...); end_step(), on every
-    rank of the data-parallel group: any of them may run collectives through RankContext.all_reduce_sum.
+    Call order per RL step, on every rank of the data-parallel group (any method may run collectives
+    through RankContext.all_reduce_sum):
+        begin_step()
+        for each optimizer step (a mini-batch; several per RL step with several mini-batches or epochs):
+            begin_optimizer_step(entropies)
+            for each micro-batch of that optimizer step: policy_loss(...)
+        end_step()
+
+    What policy_loss adds to the host's loss is optimised but not logged as the host's
+    `policy_loss`: the host's metric stays its own, and the plugin reports its term in end_step.
     """
 
     #: ask the host for per-token entropy H [B, A] (with gradient) of the policy on every micro-batch
@@ -53,6 +61,20 @@ class RankLoss:
 
     def begin_step(self) -> None:
         """An RL step's training starts on this rank."""
+
+    def needs_optimizer_step_entropy(self) -> bool:
+        """True to receive, before each optimizer step, the entropy of all its micro-batches on this
+        rank (begin_optimizer_step). Costs one extra no-grad forward of the step's samples; must give
+        the same answer on every rank (decide from state the ranks share)."""
+        return False
+
+    def begin_optimizer_step(self, entropies: Optional[list]) -> None:
+        """An optimizer step starts on this rank, before the backward of its first micro-batch.
+
+        entropies: when needs_optimizer_step_entropy() was True, one (entropy [B, A], action_mask
+        [B, A]) pair per micro-batch of this optimizer step on this rank, computed without gradient
+        from the parameters the optimizer step starts from; else None.
+        """
 
     def policy_loss(
         self,

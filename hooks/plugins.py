@@ -3,6 +3,10 @@
 Plugins are modules listed under the entry-point group `openrlhf_hooks`; EPO registers itself there
 exactly like a third-party package. `OPENRLHF_HOOKS_PLUGINS` restricts what loads: unset = all,
 empty = none, else a comma list of entry-point names (each must exist).
+
+The driver's selection must also be the workers' (a worker on another node has its own
+environment): `worker_env` gives the settings to hand every Ray worker, which the launcher adds to
+the runtime_env of the host's `ray.init`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Optional
+from typing import Mapping, Optional
 
 import pluggy
 
@@ -29,6 +33,7 @@ class Registry:
     loss_plugins: dict[str, LossPlugin] = field(default_factory=dict)
     rollout_processors: dict[str, RolloutProcessor] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # "loss:<name>" -> entry point that gave it
+    selected: tuple[str, ...] = ()  # the entry point names loaded, in load order
 
     def loss_plugin(self, name: str) -> LossPlugin:
         if name not in self.loss_plugins:
@@ -71,7 +76,8 @@ def load_plugins() -> Registry:
     """Load the selected entry points, register them, check hook names, and collect registrations."""
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
-    for ep in _selected_entry_points():
+    selected = _selected_entry_points()
+    for ep in selected:
         try:
             module = ep.load()
         except Exception as exc:
@@ -89,7 +95,7 @@ def load_plugins() -> Registry:
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"a plugin implements a hook that does not exist (misspelled?): {exc}") from exc
 
-    registry = Registry(manager)
+    registry = Registry(manager, selected=tuple(ep.name for ep in selected))
 
     def registrar(kind: str, table: dict, base: type, plugin_name: str):
         def register(obj) -> None:
@@ -116,6 +122,21 @@ def load_plugins() -> Registry:
         source = manager.get_name(impl.plugin)
         impl.function(register=registrar("rollout processor", registry.rollout_processors, RolloutProcessor, source))
     return registry
+
+
+def worker_env(registry: Registry, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment every Ray worker needs to load what this process loaded.
+
+    OPENRLHF_HOOKS_PLUGINS is set to the entry points this registry loaded (so a worker loads
+    exactly them, whatever its node's environment says, and fails naming one it lacks); every other
+    OPENRLHF_HOOKS_* variable, and each loaded loss plugin's own OPENRLHF_<NAME>_* variables (EPO:
+    OPENRLHF_EPO_KERNEL), are passed on as this process has them.
+    """
+    environ = os.environ if environ is None else environ
+    prefixes = ("OPENRLHF_HOOKS_", *(f"OPENRLHF_{name.upper()}_" for name in registry.loss_plugins))
+    env = {key: value for key, value in environ.items() if key.startswith(prefixes)}
+    env[ENV_PLUGINS] = ",".join(registry.selected)
+    return env
 
 
 _cached: Optional[Registry] = None

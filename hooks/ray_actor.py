@@ -29,7 +29,7 @@ class HookedPolicyModelActor(HostPolicyModelActor):
 
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
         result = super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
-        self.hooked = install(self.trainer, strategy, max_steps, self.checkpoint_states)
+        self.hooked = install(self.trainer, strategy, self.checkpoint_states)
         settings = hooks_settings(strategy.args) or {}
         registry = get_registry()
         self.rollout_processors = tuple(registry.rollout_processor(n) for n in settings.get("rollout_processors", ()))

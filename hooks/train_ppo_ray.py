@@ -10,6 +10,16 @@ The host's own parser and validation run unchanged (its module is executed as __
 seams are used, both in this driver process only: the host's `hierarchize` is observed to get the
 parsed args, and the host's first call in train(), `ray.is_initialized()`, is where the plugin's
 host checks run and the dry run stops, after all host validation and before Ray starts.
+
+With a loss plugin, the driver also counts K, the RL steps that will train the actor
+(hooks/steps.py), and puts it into the settings every rank receives (settings["rl_steps"]). The
+host's `ray.init` gets the hook layer's environment (plugins.worker_env) in its runtime_env, so
+every worker, on every node, loads the plugins the driver loaded.
+
+`--help` and `--plugins_dry_run` work without vLLM and flash-attn (a CPU laptop or login node):
+OpenRLHF's module imports them at load, so for those two only, and only while they run, the
+missing ones are import-time placeholders (see HOST_IMPORT_ONLY). A real run without them stops
+with one line naming the package to install.
 """
 
 from __future__ import annotations
@@ -17,13 +27,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import importlib.abc
+import importlib.util
 import json
+import re
 import runpy
 import sys
-from typing import Any, Callable, Optional, Sequence
+import types
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .api import PluginConfigError, PluginError
-from .plugins import Registry, get_registry
+from .plugins import Registry, get_registry, worker_env
+from .steps import RLStepsError, derive_rl_steps
 from .trainer import ARGS_KEY
 
 HOST_MODULE = "openrlhf.cli.train_ppo_ray"
@@ -32,6 +47,125 @@ PROG = "python -m openrlhf_hooks.train_ppo_ray"
 
 class LauncherError(Exception):
     """A one-line launcher error (bad plugin flag, unknown plugin, ...)."""
+
+
+# -- host dependencies -------------------------------------------------------------------------
+
+GPU_EXTRA = "pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
+
+# What OpenRLHF 0.11.2's train_ppo_ray imports at load but never calls while it parses and
+# validates flags: package -> (where the host imports it, how to install it).
+HOST_IMPORT_ONLY = {
+    "vllm": (
+        "openrlhf/trainer/ray/vllm_engine.py:7,11,12 (via trainer/ray/__init__.py:2, cli/train_ppo_ray.py:8)",
+        "pip install 'openrlhf[vllm]==0.11.2'",
+    ),
+    "flash_attn": (
+        "openrlhf/models/ring_attn_utils.py:3-4 (via models/actor.py:11, utils/deepspeed/deepspeed.py:25)",
+        "pip install flash-attn==2.8.3 (an OpenRLHF 0.11.2 requirement; it builds against CUDA)",
+    ),
+}
+
+
+def missing_dependency_message(package: str) -> str:
+    """One line naming the missing package and what installs it."""
+    how = HOST_IMPORT_ONLY[package][1] if package in HOST_IMPORT_ONLY else "install OpenRLHF 0.11.2's requirements"
+    return f"OpenRLHF needs the package {package!r}, which is not installed here: {how}; or {GPU_EXTRA}"
+
+
+def _missing_package(exc: ImportError) -> str:
+    """The top-level package an ImportError is about (a Ray worker's error may only say it in its text)."""
+    name = getattr(exc, "name", None)
+    if not name:
+        found = re.search(r"No module named '([^']+)'", str(exc))
+        name = found.group(1) if found else "?"
+    return name.partition(".")[0]
+
+
+class HostDependencyUnavailable(LauncherError, ModuleNotFoundError):
+    """A dry-run placeholder was used: the package is needed after all. Also an ImportError, so
+    host code that falls back when a package is missing still does."""
+
+
+class _Placeholder:
+    """Stands for one name imported from a missing package; any use raises HostDependencyUnavailable."""
+
+    def __init__(self, qualname: str, package: str):
+        self._qualname, self._package = qualname, package
+
+    def _unavailable(self, *args, **kwargs):
+        raise HostDependencyUnavailable(
+            f"{self._qualname} was used, but {missing_dependency_message(self._package)} "
+            "(only --help and --plugins_dry_run run without it)"
+        )
+
+    __call__ = __getitem__ = __iter__ = __mro_entries__ = _unavailable
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._unavailable()
+
+
+class _PlaceholderModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):  # introspection (__version__, __file__, ...) sees a plain module
+            raise AttributeError(name)
+        return _Placeholder(f"{self.__name__}.{name}", self.__name__.partition(".")[0])
+
+
+class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages: Sequence[str]):
+        self.packages = set(packages)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in self.packages:
+            return importlib.util.spec_from_loader(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _PlaceholderModule(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def _importable(package: str) -> bool:
+    if package in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def host_import_placeholders() -> Iterator[list]:
+    """For --help and --plugins_dry_run: placeholders for the HOST_IMPORT_ONLY packages that are not
+    installed, for the duration of the block only. Afterwards the placeholders, and the OpenRLHF
+    modules first imported inside the block (which hold placeholder names), leave sys.modules, so a
+    later import in this process meets the real ImportError again. Yields the placeholder packages."""
+    missing = [package for package in HOST_IMPORT_ONLY if not _importable(package)]
+    if not missing:
+        yield missing
+        return
+    before = set(sys.modules)
+    finder = _PlaceholderFinder(missing)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield missing
+    finally:
+        sys.meta_path.remove(finder)
+        purged = [
+            name
+            for name in sys.modules
+            if name not in before and name.partition(".")[0] in {*missing, "openrlhf"}
+        ]
+        for name in purged:
+            module = sys.modules.pop(name)
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
+                delattr(sys.modules[parent], child)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,9 +246,15 @@ def _reject_unknown_plugin_flags(namespace: argparse.Namespace, host_argv: Seque
                 raise LauncherError(f"unknown flag {flag}{hint}; loss plugin {name} accepts {', '.join(known)}")
 
 
-def run_host(host_argv: Sequence[str], on_args_ready: Callable[[Any], None], actor_class: Any = None) -> None:
+def run_host(
+    host_argv: Sequence[str],
+    on_args_ready: Callable[[Any], None],
+    actor_class: Any = None,
+    worker_env: Optional[Mapping[str, str]] = None,
+) -> None:
     """Execute OpenRLHF's train_ppo_ray as __main__ with host_argv; on_args_ready(args) runs after
-    all host validation, right before train() starts Ray. actor_class replaces PolicyModelActor."""
+    all host validation, right before train() starts Ray. actor_class replaces PolicyModelActor.
+    worker_env: environment variables added to the runtime_env of the host's own ray.init."""
     import ray
     import openrlhf.utils.config as host_config
     from openrlhf.trainer.ray import ppo_actor
@@ -122,6 +262,7 @@ def run_host(host_argv: Sequence[str], on_args_ready: Callable[[Any], None], act
     captured: dict = {}
     original_hierarchize = host_config.hierarchize
     original_is_initialized = ray.is_initialized
+    original_init = ray.init
     original_actor = ppo_actor.PolicyModelActor
 
     def hierarchize(args):
@@ -133,10 +274,25 @@ def run_host(host_argv: Sequence[str], on_args_ready: Callable[[Any], None], act
         if "args" not in captured:
             raise LauncherError(f"{HOST_MODULE} reached train() without hierarchize(); is this OpenRLHF 0.11.2?")
         on_args_ready(captured["args"])
-        return original_is_initialized()
+        running = original_is_initialized()
+        if running and worker_env:
+            # train() skips its ray.init: the workers keep whatever environment that Ray gave them
+            names = ", ".join(f"{k}={v}" for k, v in sorted(worker_env.items()))
+            _warn(f"Ray was already initialized in this process, so its workers do not get {names} from here; "
+                  "start Ray with these in runtime_env env_vars")  # fmt: skip
+        return running
+
+    def init(*args, **kwargs):
+        # the host passes runtime_env={"env_vars": {3 of its own}} (cli/train_ppo_ray.py:23-31)
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **(worker_env or {})}
+        kwargs["runtime_env"] = runtime_env
+        return original_init(*args, **kwargs)
 
     host_config.hierarchize = hierarchize
     ray.is_initialized = is_initialized
+    if worker_env:
+        ray.init = init
     if actor_class is not None:
         ppo_actor.PolicyModelActor = actor_class
     saved_argv = sys.argv
@@ -147,7 +303,34 @@ def run_host(host_argv: Sequence[str], on_args_ready: Callable[[Any], None], act
         sys.argv = saved_argv
         host_config.hierarchize = original_hierarchize
         ray.is_initialized = original_is_initialized
+        ray.init = original_init
         ppo_actor.PolicyModelActor = original_actor
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _total_steps_flag(plugin: Any, config: dict) -> str:
+    if "total_steps" in config:
+        return f"--{plugin.name}.total_steps"
+    return f"the total-steps setting of loss plugin {plugin.name}"
+
+
+def rl_steps_settings(args: Any, plugin: Any, config: dict) -> dict:
+    """settings["rl_steps"] (K, or None) and settings["rl_steps_note"] (how K was derived, or why not)."""
+    if config.get("total_steps") is not None:
+        return {"rl_steps": None, "rl_steps_note": f"not counted: {_total_steps_flag(plugin, config)}="
+                                                   f"{config['total_steps']} sets the run's RL steps"}  # fmt: skip
+    try:
+        derived = derive_rl_steps(args)
+    except RLStepsError as exc:
+        raise LauncherError(str(exc)) from None
+    if derived.steps is None:
+        _warn(f"{derived.note}; set {_total_steps_flag(plugin, config)} to the number of RL steps")
+    elif not derived.exact:
+        _warn(f"{derived.note}; set {_total_steps_flag(plugin, config)} to fix it")
+    return {"rl_steps": derived.steps, "rl_steps_note": derived.note}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -157,7 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "-h" in argv or "--help" in argv:
             build_parser(registry).print_help()
             print(f"\nOpenRLHF's own flags ({HOST_MODULE}), accepted unchanged:\n", flush=True)
-            run_host(["--help"], lambda args: None)
+            with host_import_placeholders():
+                run_host(["--help"], lambda args: None)
             return 0
         settings, dry_run, host_argv = resolve(argv, registry)
         plugin = registry.loss_plugin(settings["loss_plugin"]) if settings and settings["loss_plugin"] else None
@@ -171,24 +355,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     plugin.check_host(args, settings["config"])
                 except PluginConfigError as exc:
                     raise LauncherError(str(exc)) from None
+                settings.update(rl_steps_settings(args, plugin, settings["config"]))
             if dry_run:
                 report = {
                     "loss_plugin": plugin.name if plugin else None,
                     "config": settings["config"] if settings else {},
                     "rollout_processors": settings["rollout_processors"] if settings else [],
                     "host": plugin.host_summary(args) if plugin else {},
+                    "plugins": list(registry.selected),
                 }
+                if plugin is not None:
+                    report.update(rl_steps=settings["rl_steps"], rl_steps_note=settings["rl_steps_note"])
                 print(json.dumps(report, sort_keys=True), file=real_stdout, flush=True)
                 raise SystemExit(0)
 
-        actor_class = None
-        if settings is not None and not dry_run:
-            from .ray_actor import PolicyModelActor as actor_class
         # In a dry run stdout carries only the JSON: the host's own prints go to stderr.
         redirect = contextlib.redirect_stdout(sys.stderr) if dry_run else contextlib.nullcontext()
-        with redirect:
-            run_host(host_argv, on_args_ready, actor_class)
+        placeholders = host_import_placeholders() if dry_run else contextlib.nullcontext()
+        with redirect, placeholders:
+            actor_class = None
+            if settings is not None and not dry_run:
+                from .ray_actor import PolicyModelActor as actor_class
+            run_host(host_argv, on_args_ready, actor_class, worker_env(registry) if settings is not None else None)
         return 0
+    except ImportError as exc:
+        if isinstance(exc, HostDependencyUnavailable):
+            message = str(exc)
+        else:
+            message = missing_dependency_message(_missing_package(exc))
+        print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
     except (LauncherError, PluginError) as exc:
         # one line even when a plugin's own message spans several
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -72,29 +72,32 @@ def action_entropy(
     return out.masked_scatter(on, entropy)
 
 
-def derive_total_steps(args: Any, max_steps: Optional[int]) -> int:
-    """K = RL steps = the host's optimizer steps (max_steps) / optimizer steps per RL step."""
-    per_step = (
-        args.rollout.batch_size * args.rollout.n_samples_per_prompt / args.train.batch_size * args.train.max_epochs
-    )
-    if not max_steps or per_step <= 0:
-        raise PluginConfigError(
-            f"cannot derive the run's total RL steps from max_steps={max_steps!r}; set the plugin's total_steps"
-        )
-    return max(1, round(max_steps / per_step))
-
-
 class HookedTrainer:
-    """The loss plugin installed in one rank's ActorPPOTrainer."""
+    """The loss plugin installed in one rank's ActorPPOTrainer.
+
+    Wraps, on this trainer's objects only and keeping the host's signatures:
+    - actor.forward (training): also the per-token entropy of the same logits, when asked for;
+    - actor_loss_fn: the plugin's policy_loss sees the host's 5-tuple; the host gets its own tuple
+      back, so `train/policy_loss` stays the host's value, and the plugin's term is held for
+    - strategy.backward (actor only): which adds the held term to the loss it back-propagates;
+    - replay_buffer.collate_fn and training_step: to know, before the first backward of each
+      optimizer step, which micro-batches that step holds (begin_optimizer_step).
+    """
 
     def __init__(self, trainer: Any, rank_loss: RankLoss, plugin_name: str):
         self.trainer = trainer
         self.rank_loss = rank_loss
         self.plugin_name = plugin_name
         self._entropy: Optional[torch.Tensor] = None
-        self._wrap_loss(trainer)
+        self._term: Optional[torch.Tensor] = None
+        self._collated: list = []  # micro-batches collated since the current optimizer step began
+        self._window: list = []  # this optimizer step's micro-batches (non-dynamic batching)
+        self._window_info: Any = None
         if rank_loss.needs_entropy:
             self._wrap_forward(trainer.actor)
+        self._wrap_loss(trainer)
+        self._wrap_backward(trainer)
+        self._wrap_optimizer_steps(trainer)
 
     def _wrap_forward(self, actor: Any) -> None:
         original = actor.forward
@@ -117,18 +120,117 @@ class HookedTrainer:
         host_loss = trainer.actor_loss_fn
 
         def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, **info):
-            outputs = host_loss(
-                log_probs, old_log_probs, advantages, action_mask=action_mask, rollout_log_probs=rollout_log_probs, **info
+            if self._term is not None:
+                raise RuntimeError(
+                    f"loss plugin {self.plugin_name!r}: the previous micro-batch's term never reached "
+                    "strategy.backward; this OpenRLHF trainer does not back-propagate the way 0.11.2 does"
+                )
+            outputs = tuple(
+                host_loss(
+                    log_probs, old_log_probs, advantages, action_mask=action_mask, rollout_log_probs=rollout_log_probs, **info
+                )
             )
             entropy, self._entropy = self._entropy, None
-            return self.rank_loss.policy_loss(
-                tuple(outputs), action_mask=action_mask, entropy=entropy, loss_batch_info=info
+            plugin_outputs = self.rank_loss.policy_loss(
+                outputs, action_mask=action_mask, entropy=entropy, loss_batch_info=info
             )
+            # what the plugin changed in the loss, as a term with its own graph
+            self._term = plugin_outputs[0] - outputs[0]
+            return outputs
 
         actor_loss_fn.host_loss = host_loss
         trainer.actor_loss_fn = actor_loss_fn
 
+    def _wrap_backward(self, trainer: Any) -> None:
+        strategy = trainer.strategy
+        host_backward = strategy.backward
+
+        def backward(loss, model, optimizer, **kwargs):
+            if model is trainer.actor and self._term is not None:
+                term, self._term = self._term, None
+                loss = loss + term.to(loss.dtype)
+            return host_backward(loss, model, optimizer, **kwargs)
+
+        strategy.backward = backward
+
+    def _wrap_optimizer_steps(self, trainer: Any) -> None:
+        buffer = trainer.replay_buffer
+        host_collate = buffer.collate_fn
+        host_training_step = trainer.training_step
+
+        def collate_fn(batch):
+            experience = host_collate(batch)
+            self._collated.append(experience)
+            return experience
+
+        def training_step(experience, kl_ctl, step, loss_batch_info=None):
+            if self._opens_optimizer_step(step, loss_batch_info):
+                entropies = None
+                if self.rank_loss.needs_optimizer_step_entropy():
+                    entropies = self._step_entropies(self._step_micro_batches(experience, step, loss_batch_info, host_collate))
+                self.rank_loss.begin_optimizer_step(entropies)
+            return host_training_step(experience, kl_ctl, step, loss_batch_info)
+
+        if not trainer.args.train.dynamic_batch_enable:
+            buffer.collate_fn = collate_fn
+        trainer.training_step = training_step
+
+    # Where optimizer steps start, mirroring ActorPPOTrainer.ppo_train (openrlhf/trainer/ray/ppo_actor.py).
+
+    def _opens_optimizer_step(self, step: int, loss_batch_info: Any) -> bool:
+        if self.trainer.args.train.dynamic_batch_enable:
+            # micro-batches are laid out ahead (setup_dynamic_batch), in order, flagged where a step ends
+            return step == 0 or bool(self.trainer.replay_buffer.dynamic_optimizer_step[step - 1])
+        if loss_batch_info is not None and loss_batch_info is self._window_info:
+            return False
+        # a new window of iter_grad_accum_global_norm (one dict per optimizer step), or a micro-batch
+        # the host normalises on its own (no loss_batch_info): a step of its own
+        self._window_info = loss_batch_info
+        self._window, self._collated = self._collated, []
+        return True
+
+    def _step_micro_batches(self, experience, step, loss_batch_info, host_collate) -> list:
+        """This rank's micro-batches of the optimizer step that `experience` opens."""
+        buffer = self.trainer.replay_buffer
+        if self.trainer.args.train.dynamic_batch_enable:
+            ends = buffer.dynamic_optimizer_step
+            last = next((i for i in range(step, len(ends)) if ends[i]), len(ends) - 1)
+            return [experience] + [host_collate([buffer[i]]) for i in range(step + 1, last + 1)]
+        if loss_batch_info is None:
+            return [experience]
+        # iter_grad_accum_global_norm (openrlhf/utils/loss_utils.py) pulls a whole step's
+        # micro-batches from the DataLoader, and so through collate_fn, before yielding the first
+        if not self._window or self._window[0] is not experience:
+            raise RuntimeError(
+                f"loss plugin {self.plugin_name!r}: cannot see the micro-batches of this optimizer step (they "
+                "did not come through the replay buffer's collate_fn); drive training through ppo_train"
+            )
+        return self._window
+
+    @torch.no_grad()
+    def _step_entropies(self, micro_batches: list) -> list:
+        actor = self.trainer.actor
+        device = next(actor.parameters()).device
+        entropies = []
+        for experience in micro_batches:
+            experience.to_device(device)
+            _, output = actor(
+                experience.sequences,
+                experience.action_mask,
+                attention_mask=experience.attention_mask,
+                return_output=True,
+                ring_attn_group=self.trainer.strategy.ring_attn_group,
+            )
+            packed = bool(getattr(actor, "packing_samples", False))
+            entropy = action_entropy(
+                output["logits"], experience.sequences, experience.attention_mask, experience.action_mask, packed
+            )
+            entropies.append((entropy, experience.action_mask))
+            del output
+        return entropies
+
     def begin_step(self) -> None:
+        self._collated, self._window, self._window_info, self._term = [], [], None, None
         self.rank_loss.begin_step()
 
     def end_step(self) -> dict[str, float]:
@@ -146,13 +248,12 @@ class HookedTrainer:
         self.rank_loss.load_state_dict(saved["state"])
 
 
-def install(
-    trainer: Any, strategy: Any, total_steps_hint: Optional[int], checkpoint_states: Optional[dict] = None
-) -> Optional[HookedTrainer]:
+def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = None) -> Optional[HookedTrainer]:
     """Install the loss plugin named in the host's args into `trainer`; None when no plugin is asked for.
 
-    total_steps_hint: the host's max_steps (optimizer steps), from which K is derived unless the
-    plugin's config sets total_steps. checkpoint_states: the host's restored client_states, if resuming.
+    K (RankContext.total_steps) is the plugin config's total_steps, else the count of RL steps the
+    launcher made before Ray started (settings["rl_steps"], hooks/steps.py).
+    checkpoint_states: the host's restored client_states, if resuming.
     """
     settings = hooks_settings(strategy.args)
     if not settings or not settings.get("loss_plugin"):
@@ -161,7 +262,13 @@ def install(
     config = dict(settings.get("config") or {})
     total_steps = config.get("total_steps")
     if total_steps is None:
-        total_steps = derive_total_steps(strategy.args, total_steps_hint)
+        total_steps = settings.get("rl_steps")
+    if total_steps is None:
+        why = settings.get("rl_steps_note") or "the launcher did not count them"
+        raise PluginConfigError(
+            f"loss plugin {settings['loss_plugin']!r} needs the run's total RL steps and they are unknown ({why}); "
+            f"set --{settings['loss_plugin']}.total_steps"
+        )
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     mesh = getattr(strategy, "ds_device_mesh", None)
     dp_size = mesh["dp"].size() if mesh is not None else world

@@ -63,7 +63,9 @@ def _epo_plugin():
     return get_registry().loss_plugin("epo")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
+    """plugin_flags=False leaves out the epo plugin's --epo.* flags, so the plugin registry is not
+    resolved: `plot` and the top-level help must work with no plugin installed or enabled."""
     parser = argparse.ArgumentParser(prog="openrlhf-epo", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plot}")
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=_positive_int("--jobs"), help="runs trained at once (default: CPU cores / --nproc, at most the runs)"
     )
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
-    _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
+    if plugin_flags:
+        _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
 
     plot = commands.add_parser("plot", help="redraw the PNGs and summary of a demo folder from its metrics.jsonl")
     plot.set_defaults(command_parser=plot)
@@ -318,8 +321,15 @@ def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]
     return failure
 
 
+def _command(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand: the first token that is not an option (the top-level parser has only -h)."""
+    return next((token for token in argv if not token.startswith("-")), None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only `demo` takes the plugin's flags; any other command must not need the plugin registry.
+    parser = build_parser(plugin_flags=_command(argv) == "demo")
     args, extra = parser.parse_known_args(argv)
     if args.command == "plot":
         if extra:

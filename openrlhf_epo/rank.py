@@ -2,8 +2,11 @@
 
 Host-neutral glue between the pure core and a host adapter. Collectives come in through
 RankContext.all_reduce_sum: a small one opens each RL step (the rank-agreement check below), one
-closes it (the step statistic), plus one tiny one per micro-batch for the squared penalty, which
-needs the global L_H of the optimizer step.
+closes it (the step statistic), plus, for the squared penalty, one tiny one before each optimizer
+step: P and its slope are taken at that optimizer step's global L_H, which the host adapter measures
+with a no-grad pass over the step's micro-batches at the parameters the step starts from
+(begin_optimizer_step). So every micro-batch, whatever the split into micro-batches and ranks, is
+linearized at the same point, and the shares add up to the one-process value and gradient.
 
 Run safety (docs/bad-inputs.md):
 - a micro-batch whose entropy is not finite on some action token is dropped from EPO: its term is
@@ -45,11 +48,12 @@ from .core import (
 
 logger = logging.getLogger(__name__)
 
-# Layout of the per-step vector: the core's step parts, three metric sums, and the number of
-# dropped (non-finite) micro-batches.
 _CORE_PARTS = 2 + 2 * MAX_TURNS
-_PENALTY_NUM, _INSIDE, _TOKENS, _DROPPED = range(_CORE_PARTS, _CORE_PARTS + 4)
-_STEP_PARTS = _CORE_PARTS + 4
+# Sums over a step's micro-batches, all-reduced after the core's step parts in end_step:
+# penalty_num: numerator of the per-token penalty; inside/tokens: action tokens in the corridor / all;
+# dropped: micro-batches with non-finite entropy; term/term_weight: the EPO term added to the loss and
+# each micro-batch's share of its optimizer step's denominator (their ratio: the term per optimizer step).
+_SUM_NAMES = ("penalty_num", "inside", "tokens", "dropped", "term", "term_weight")
 
 
 class EPOHealthError(RuntimeError):
@@ -101,9 +105,10 @@ class EPORankLoss(RankLoss):
         self._begin_state()
 
     def _begin_state(self) -> None:
-        self._parts: Optional[torch.Tensor] = None
-        self._window_info: Any = None
-        self._window_sums: Optional[torch.Tensor] = None
+        self._parts = torch.zeros(_CORE_PARTS, dtype=torch.float64)
+        self._sums = dict.fromkeys(_SUM_NAMES, 0.0)
+        self._linearize_at: Optional[float] = None
+        self._applied_penalties: list[float] = []
         self.reference = self.history.reference()
         self.beta = phase_weight(self.step, self.context.total_steps, self.config.gamma, self.config.mid_fraction)
 
@@ -152,22 +157,25 @@ class EPORankLoss(RankLoss):
             return None
         return torch.as_tensor(total, dtype=torch.float64) / float(loss_batch_info.get("dp_size", 1))
 
-    def _global_entropy(self, local_parts: torch.Tensor, loss_batch_info: Any) -> float:
-        """L_H over the micro-batches of this optimizer step seen so far, on all ranks.
+    def needs_optimizer_step_entropy(self) -> bool:
+        return self.config.penalty == "squared" and self.reference is not None
 
-        The host gives every micro-batch of one optimizer step the same loss_batch_info object;
-        with one micro-batch per optimizer step (gas = 1) this is exactly the step's global L_H.
-        """
-        if loss_batch_info is not self._window_info:
-            self._window_info = loss_batch_info
-            self._window_sums = torch.zeros(2, dtype=torch.float64)
-        reduced = self.context.all_reduce_sum(local_parts[:2].clone())
-        self._window_sums += reduced.cpu()
-        numerator, den = self._window_sums.tolist()
-        return numerator / den if den > 0 else 0.0
-
-    def _accumulate(self, step_parts: torch.Tensor) -> None:
-        self._parts = step_parts if self._parts is None else self._parts + step_parts
+    def begin_optimizer_step(self, entropies) -> None:
+        """For the squared penalty: the optimizer step's global L_H, at which P is linearized."""
+        self._linearize_at = None
+        if entropies is None:
+            return
+        local = torch.zeros(2, dtype=torch.float64)
+        for entropy, action_mask in entropies:
+            on = action_mask.bool()
+            if bool(torch.isfinite(entropy[on]).all()):  # as in policy_loss: non-finite micro-batches drop out
+                local += step_statistic_parts(entropy, action_mask, self.config.aggregation)[:2].cpu()
+        numerator, den = self.context.all_reduce_sum(local).cpu().tolist()
+        # no action token in the whole optimizer step: every share is 0 whatever the point
+        self._linearize_at = numerator / den if den > 0 else 0.0
+        if den > 0:
+            lower, upper = self.config.kappa_left * self.reference, self.config.kappa_right * self.reference
+            self._applied_penalties.append(max(0.0, lower - self._linearize_at) ** 2 + max(0.0, self._linearize_at - upper) ** 2)
 
     def policy_loss(self, host_outputs, *, action_mask, entropy, loss_batch_info):
         if entropy is None:
@@ -187,14 +195,15 @@ class EPORankLoss(RankLoss):
             parts = torch.zeros(_CORE_PARTS, dtype=torch.float64, device=entropy.device)
         reference = self._reference_for(action_mask)
         denominator = self._denominator(loss_batch_info)
-        linearize_at = None
-        if reference is not None and self.config.penalty == "squared" and denominator is not None:
-            # every rank joins this all-reduce, a dropped micro-batch with zeros
-            linearize_at = self._global_entropy(parts, loss_batch_info)
+        squared_share = reference is not None and self.config.penalty == "squared" and denominator is not None
+        if squared_share and self._linearize_at is None:
+            raise RuntimeError(
+                "EPO's squared penalty needs the optimizer step's global entropy before its first micro-batch; "
+                "the host adapter did not call begin_optimizer_step with the step's entropies"
+            )
+        self._parts += parts.cpu()
         if not finite:
-            extras = torch.zeros(_STEP_PARTS - _CORE_PARTS, dtype=torch.float64)
-            extras[_DROPPED - _CORE_PARTS] = 1.0
-            self._accumulate(torch.cat([parts.cpu(), extras]))
+            self._sums["dropped"] += 1.0
             return tuple(host_outputs)
         term, stats = epo_regularizer(
             entropy,
@@ -203,27 +212,24 @@ class EPORankLoss(RankLoss):
             self.beta,
             self.config,
             denominator=None if denominator is None else denominator.to(entropy.device),
-            linearize_at=linearize_at,
+            linearize_at=self._linearize_at if squared_share else None,
         )
-        extras = torch.tensor(
-            [
-                float(stats.get("penalty_num", 0.0)),
-                float(stats["in_corridor_tokens"]),
-                float(stats["tokens"]),
-                0.0,
-            ],
-            dtype=torch.float64,
-        )
-        self._accumulate(torch.cat([parts.cpu(), extras]))
+        self._sums["penalty_num"] += float(stats.get("penalty_num", 0.0))
+        self._sums["inside"] += float(stats["in_corridor_tokens"])
+        self._sums["tokens"] += float(stats["tokens"])
+        self._sums["term"] += float(term.detach())
+        self._sums["term_weight"] += float(stats["den"]) / float(denominator) if denominator is not None else 1.0
         loss = host_outputs[0] + term.to(host_outputs[0].dtype)
         return (loss, *host_outputs[1:])
 
     def end_step(self) -> dict[str, float]:
-        parts = self._parts if self._parts is not None else torch.zeros(_STEP_PARTS, dtype=torch.float64)
-        vector = self.context.all_reduce_sum(parts).cpu()
+        local = torch.cat([self._parts, torch.tensor([self._sums[name] for name in _SUM_NAMES], dtype=torch.float64)])
+        vector = self.context.all_reduce_sum(local).cpu()
         stat = step_statistic(vector[:_CORE_PARTS])
-        metrics = self._metrics(stat, vector)
-        dropped = int(vector[_DROPPED])
+        sums = dict(zip(_SUM_NAMES, vector[_CORE_PARTS:].tolist()))
+        sums["den"] = float(vector[1])
+        metrics = self._metrics(stat, sums)
+        dropped = int(sums["dropped"])
         if dropped:
             logger.warning(
                 "EPO step %d: %d micro-batch(es) had non-finite entropy on action tokens; their EPO term was "
@@ -270,21 +276,24 @@ class EPORankLoss(RankLoss):
                 f"--epo.max_bad_steps={self.config.max_bad_steps} sets how many in a row are tolerated"
             )
 
-    def _metrics(self, stat, parts: torch.Tensor) -> dict[str, float]:
+    def _metrics(self, stat, sums: dict) -> dict[str, float]:
+        """The step's metrics. penalty: the P whose gradient was applied (squared: the mean over the
+        step's optimizer steps of P at their L_H); loss_term: the term EPO added to the optimised loss,
+        per optimizer step (the host's own policy_loss metric does not include it)."""
         nan = math.nan
         ref = self.reference
         entropy = stat.value if stat.value is not None else nan
-        tokens = float(parts[_TOKENS])
+        tokens = sums["tokens"]
         if ref is None:
             lower = upper = penalty = in_corridor = nan
         else:
             lower, upper = self.config.kappa_left * ref, self.config.kappa_right * ref
-            in_corridor = float(parts[_INSIDE]) / tokens if tokens else nan
+            in_corridor = sums["inside"] / tokens if tokens else nan
             if self.config.penalty == "squared":
-                penalty = max(0.0, lower - entropy) ** 2 + max(0.0, entropy - upper) ** 2
+                applied = self._applied_penalties
+                penalty = sum(applied) / len(applied) if applied else nan
             else:
-                den = float(parts[1])
-                penalty = float(parts[_PENALTY_NUM]) / den if den else nan
+                penalty = sums["penalty_num"] / sums["den"] if sums["den"] else nan
         counts = stat.turn_counts
         seen = torch.nonzero(counts > 0).flatten()
         turn_means = stat.turn_sums[seen] / counts[seen]
@@ -295,6 +304,7 @@ class EPORankLoss(RankLoss):
             "upper": upper,
             "penalty": penalty,
             "beta": self.beta,
+            "loss_term": sums["term"] / sums["term_weight"] if sums["term_weight"] else nan,
             "in_corridor": in_corridor,
             "step": float(self.step),
             "turn_entropy_first": float(turn_means[0]) if len(seen) else nan,

@@ -377,8 +377,12 @@ def statistic(config, *micro_batches):
 
 
 def run_step(loss, micro_batches, info=None):
-    """One RL step: begin_step, policy_loss per (entropy, mask), end_step. Returns (metrics, losses, host leaves)."""
+    """One RL step of one optimizer step: begin_step, begin_optimizer_step, policy_loss per (entropy, mask),
+    end_step. Returns (metrics, losses, host leaves)."""
     loss.begin_step()
+    # one optimizer step, as the host adapter drives it: the step's entropies first, when asked for
+    wanted = loss.needs_optimizer_step_entropy()
+    loss.begin_optimizer_step([(h.detach(), m) for h, m in micro_batches] if wanted else None)
     outputs, leaves = [], []
     for entropy, mask in micro_batches:
         leaf = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
@@ -516,7 +520,7 @@ def _one_bad_micro_batch(env, value):
 
 @row("nan-entropy-on-one-rank-with-squared-penalty")
 def _(env):
-    # the squared penalty all-reduces once per micro-batch: the rank with the bad micro-batch must still join
+    # the squared penalty all-reduces once per optimizer step: the rank with the bad micro-batch must still join
     config = EPOConfig.from_preset("seed", warmup=1)
     h_good = token_entropy(logits(1)).detach()
     h_bad = token_entropy(with_bad_token(2, math.nan)).detach()
@@ -655,7 +659,14 @@ def _(env):
 
 @row("checkpoint-of-another-plugin")
 def _(env):
-    trainer = SimpleNamespace(actor_loss_fn=lambda *a, **k: (torch.tensor(0.0),), actor=SimpleNamespace(forward=None))
+    trainer = SimpleNamespace(
+        actor_loss_fn=lambda *a, **k: (torch.tensor(0.0),),
+        actor=SimpleNamespace(forward=None),
+        strategy=SimpleNamespace(backward=None),
+        replay_buffer=SimpleNamespace(collate_fn=None),
+        args=SimpleNamespace(train=SimpleNamespace(dynamic_batch_enable=False)),
+        training_step=None,
+    )
     hooked = HookedTrainer(trainer, make_loss(), "epo")
     with pytest.raises(PluginConfigError) as err:
         hooked.restore({"plugin": "scaled", "state": {}})
@@ -754,3 +765,104 @@ def _(env):
     done = subprocess.run([sys.executable, "-c", crash, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 9, done.stderr
     assert path.read_text() == '{"step": 0}\n'
+
+
+# -- the run's length (K) and the host's packages ----------------------------------------------
+
+
+def prompts_flags(env, count, name="prompts.jsonl"):
+    path = env.tmp_path / name
+    path.write_text("".join(json.dumps({"prompt": f"task {i}"}) + "\n" for i in range(count)))
+    return ["--data.prompt_dataset", str(path), "--data.input_key", "prompt"]
+
+
+def dry_run_warnings(env, flags):
+    """The dry run's report and its warning lines on stderr."""
+    with pytest.raises(SystemExit) as done:
+        launcher.main([*HOST, *flags, "--plugins_dry_run"])
+    assert done.value.code == 0
+    captured = env.capsys.readouterr()
+    prefix = "python -m openrlhf_hooks.train_ppo_ray: warning: "
+    return json.loads(captured.out), [line for line in captured.err.splitlines() if line.startswith(prefix)]
+
+
+@row("freezing-steps-cover-every-rl-step")
+def _(env):
+    # 10 prompts in rollout batches of 2 (HOST): 5 RL steps, global steps 0..4 all frozen
+    launcher_error(env, [*EPO, *prompts_flags(env, 10), "--critic.freezing_steps", "4"],
+                   "--critic.freezing_steps=4 freezes the actor for all 5 RL steps of this run",
+                   "the actor would never train; lower --critic.freezing_steps", before_host=False)  # fmt: skip
+
+
+@row("prompt-dataset-without-prompts")
+def _(env):
+    launcher_error(env, [*EPO, *prompts_flags(env, 10), "--data.max_samples", "0"], "--data.prompt_dataset=",
+                   "holds no prompts (--data.max_samples=0): the run has no RL step to train", before_host=False)  # fmt: skip
+
+
+@row("prompt-dataset-not-countable")
+def _(env):
+    report, (line,) = dry_run_warnings(env, [*EPO, "--data.prompt_dataset", str(env.tmp_path / "missing.jsonl")])
+    assert report["rl_steps"] is None and report["rl_steps_note"].startswith("cannot count the prompts of")
+    assert "cannot count the prompts of --data.prompt_dataset=" in line
+    assert line.endswith("; set --epo.total_steps to the number of RL steps")
+
+
+@row("dynamic-filtering-makes-k-an-estimate")
+def _(env):
+    report, (line,) = dry_run_warnings(env, [*EPO, *prompts_flags(env, 9), "--algo.dynamic_filtering_enable"])
+    assert report["rl_steps"] == 5
+    assert "at most 5 RL steps" in line and "depends on how many prompts pass the filter" in line
+    assert line.endswith("; set --epo.total_steps to fix it")
+
+
+def bare_process(env, flags, extra_env=None):
+    """`python -m openrlhf_hooks.train_ppo_ray` in a fresh process WITHOUT the test stand-ins."""
+    from importlib.machinery import PathFinder
+
+    if PathFinder.find_spec("vllm") is not None:  # on sys.path, not the stand-in in sys.modules
+        pytest.skip("vllm is installed here")
+    child_env = {k: v for k, v in os.environ.items() if k != plugins.ENV_PLUGINS}
+    child_env.update(extra_env or {})
+    command = [sys.executable, "-m", "openrlhf_hooks.train_ppo_ray", *HOST, *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=child_env)
+
+
+@row("host-package-missing-in-a-real-run")
+def _(env):
+    done = bare_process(env, EPO)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        PREFIX + "OpenRLHF needs the package 'vllm', which is not installed here: pip install 'openrlhf[vllm]==0.11.2'; "
+        "or pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
+    ]
+
+
+@row("dry-run-uses-a-missing-host-package")
+def _(env):
+    source = """
+        from openrlhf_hooks import LossPlugin, hookimpl
+
+        class UsesVllm(LossPlugin):
+            name = "usesvllm"
+
+            def check_host(self, host_args, config):
+                import vllm
+
+                vllm.SamplingParams(temperature=1.0)
+
+        @hookimpl
+        def register_loss_plugins(register):
+            register(UsesVllm())
+    """
+    install_fake_plugin(env.tmp_path, "catalogue-usesvllm", {"usesvllm": "catalogue_usesvllm"},
+                        {"catalogue_usesvllm": source})  # fmt: skip
+    done = bare_process(env, ["--loss_plugin", "usesvllm", "--plugins_dry_run"], {"PYTHONPATH": str(env.tmp_path)})
+    assert done.returncode == 2 and done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [done.stderr.strip().splitlines()[-1]]
+    assert errors[0] == (
+        PREFIX + "vllm.SamplingParams was used, but OpenRLHF needs the package 'vllm', which is not installed here: "
+        "pip install 'openrlhf[vllm]==0.11.2'; or pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm "
+        "and flash-attn (only --help and --plugins_dry_run run without it)"
+    )

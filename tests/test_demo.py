@@ -296,3 +296,27 @@ def test_killed_two_rank_run_resumes_to_the_same_history(tmp_path):
         assert [r[key] for r in rows_resumed] == [r[key] for r in rows_whole], key
     for name, tensor in expected["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
+
+
+def test_plot_needs_no_plugin_registry(tmp_path):
+    """Issue 13 (5b): `plot` only reads metrics.jsonl, so it works with every plugin disabled."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--env.rooms", "4", *SMALL]) == 0
+    for name in ("entropy.png", "success.png", "summary.json", "summary.md"):
+        (out / name).unlink()
+    env = {**os.environ, "OPENRLHF_HOOKS_PLUGINS": ""}  # empty: no entry point loads
+    done = subprocess.run(
+        [sys.executable, "-m", "openrlhf_epo.cli", "plot", str(out)], env=env, cwd=REPO, timeout=120, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    for name in ("entropy.png", "success.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads((out / "summary.json").read_text())) == {"baseline", "epo-seed-lambda_entropy-0.03"}
+    # the demo itself still resolves the plugin: with none enabled it does not start
+    refused = subprocess.run(
+        [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--out", str(tmp_path / "never"), "--steps", "1"],
+        env=env, cwd=REPO, timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "unknown loss plugin 'epo'" in refused.stderr
+    assert not (tmp_path / "never").exists()

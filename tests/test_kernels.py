@@ -36,6 +36,7 @@ def check(logits, labels, temperature=1.0, rows=None, tol=2e-5, grad_tol=2e-5):
     assert torch.allclose(entropy.double(), ref_h, rtol=tol, atol=tol)
     assert torch.allclose(logprob.double(), ref_l, rtol=tol, atol=tol)
     finite = torch.isfinite(y.grad)
+    assert x.grad.dtype == logits.dtype
     assert torch.isfinite(x.grad).all()
     assert torch.allclose(x.grad.double()[finite], y.grad[finite], rtol=grad_tol, atol=grad_tol)
     return x.grad
@@ -86,6 +87,33 @@ def test_row_subset_reads_only_those_rows():
     poisoned = logits.clone()
     poisoned[untouched] = float("nan")
     assert torch.equal(entropy_logprob(poisoned, labels, rows=rows)[0], entropy_logprob(logits, labels, rows=rows)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [None, [10, 0, 5, 6, 11]], ids=["all-rows", "row-subset"])
+def test_cpu_backward_returns_the_logits_dtype_and_zero_for_other_rows(dtype, rows, monkeypatch):
+    # The backend is called directly: autograd casts whatever a backward returns to the input's
+    # dtype, so x.grad.dtype alone would not show a float32 gradient being built and cast down.
+    monkeypatch.setattr(_cpu, "CHUNK_BYTES", 4 * 40 * 2)  # two rows per chunk: rows span chunks
+    torch.manual_seed(6)
+    logits = (torch.randn(12, 40) * 3).to(dtype)
+    rows = None if rows is None else torch.tensor(rows)
+    n = 12 if rows is None else len(rows)
+    labels = torch.randint(0, 40, (n,))
+    g_h, g_l = torch.randn(n), torch.randn(n)
+    entropy, _, row_max, log_z = _cpu.forward(logits, labels, rows, 0.8)
+    grad = _cpu.backward(logits, labels, rows, 0.8, entropy, row_max, log_z, g_h, g_l)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+
+    y = logits.double().requires_grad_(True)
+    ref_h, ref_l = reference(y, labels, 0.8, rows)
+    (ref_h * g_h.double() + ref_l * g_l.double()).sum().backward()
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # rounded once to bf16/fp16 on the store
+    assert torch.allclose(grad.double(), y.grad, rtol=tol, atol=tol)
+    if rows is not None:
+        others = torch.ones(12, dtype=torch.bool)
+        others[rows] = False
+        assert (grad[others] == 0).all() and (grad[rows] != 0).any()
 
 
 def test_gradcheck_float64():
@@ -171,4 +199,4 @@ def test_triton_kernel_under_the_cpu_interpreter():
         [sys.executable, str(root / "tests/support/triton_checks.py")], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.count(" ok") == 7
+    assert done.stdout.count(" ok") == 9

@@ -61,6 +61,9 @@ def test_third_party_plugin_is_selected_through_its_entry_point(capsys):
         "config": {"factor": 2.5},
         "rollout_processors": [],
         "host": {"actor.policy_loss_type": "ppo"},
+        "plugins": ["epo", "scaled"],
+        "rl_steps": None,
+        "rl_steps_note": "no --data.prompt_dataset to count prompts in",
     }
 
 
@@ -165,3 +168,79 @@ def test_example_scripts_pass_host_and_plugin_validation(capsys, script):
     assert done.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["loss_plugin"] == "epo" and report["host"]["train.agent_func_path"] == "agent.py"
+
+
+def prompts_file(tmp_path, count):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"task {i}"}) + "\n" for i in range(count)))
+    return str(path)
+
+
+def counted(tmp_path, count, *flags):
+    return [*HOST, "--data.prompt_dataset", prompts_file(tmp_path, count), "--data.input_key", "prompt", *flags]
+
+
+def test_dry_run_reports_k_counted_from_the_prompt_dataset(capsys, tmp_path):
+    # 9 prompts in rollout batches of 2 (HOST): 5 steps per episode, the last one on 1 prompt
+    with pytest.raises(SystemExit):
+        main([*counted(tmp_path, 9, "--train.num_episodes", "3"), "--loss_plugin", "epo", "--plugins_dry_run"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["rl_steps"] == 15
+    assert report["rl_steps_note"] == "15 RL steps (9 prompts in batches of 2 = 5 RL steps per episode x 3 episodes)"
+
+
+def test_k_is_not_counted_when_the_plugin_sets_total_steps(capsys, tmp_path):
+    report = dry_run(capsys, "--data.prompt_dataset", "/no/such.jsonl", "--loss_plugin", "epo", "--epo.total_steps", "40")
+    assert report["rl_steps"] is None
+    assert report["rl_steps_note"] == "not counted: --epo.total_steps=40 sets the run's RL steps"
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_dynamic_filtering_warns_that_k_is_an_upper_bound(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main([*counted(tmp_path, 9, "--algo.dynamic_filtering_enable"), "--loss_plugin", "epo", "--plugins_dry_run"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["rl_steps"] == 5
+    warnings = [line for line in captured.err.splitlines() if "warning:" in line]
+    assert warnings == [
+        "python -m openrlhf_hooks.train_ppo_ray: warning: at most 5 RL steps (9 prompts in batches of 2 = 5 RL steps "
+        "per episode x 1 episode): with --algo.dynamic_filtering_enable the count depends on how many prompts pass "
+        "the filter; set --epo.total_steps to fix it"
+    ]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_real_run_hands_k_to_the_ranks_and_the_plugin_set_to_ray_workers(monkeypatch, tmp_path):
+    """Up to the host's own ray.init: the args every rank receives hold K, and the runtime_env the
+    host starts Ray with holds the driver's plugin selection next to the host's own variables."""
+    import openrlhf.utils.config as host_config
+    import ray
+
+    from openrlhf_hooks import plugins
+
+    monkeypatch.setenv(plugins.ENV_PLUGINS, "epo")
+    monkeypatch.setenv("OPENRLHF_EPO_KERNEL", "torch")
+    monkeypatch.setattr(plugins, "_cached", None)
+    seen = {}
+    real_hierarchize = host_config.hierarchize
+
+    def hierarchize(args):
+        seen["args"] = real_hierarchize(args)
+        return seen["args"]
+
+    def init(*args, **kwargs):
+        seen["init"] = kwargs
+        raise _Stop
+
+    monkeypatch.setattr(host_config, "hierarchize", hierarchize)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(_Stop):
+        main([*counted(tmp_path, 9), "--loss_plugin", "epo"])
+    assert getattr(seen["args"], ARGS_KEY)["rl_steps"] == 5
+    env_vars = seen["init"]["runtime_env"]["env_vars"]
+    assert env_vars["OPENRLHF_HOOKS_PLUGINS"] == "epo" and env_vars["OPENRLHF_EPO_KERNEL"] == "torch"
+    assert {"TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"} <= set(env_vars)
+    assert ray.init is init  # restored after the run

@@ -1,29 +1,23 @@
 """EPO inside OpenRLHF 0.11.2's real training step, on two CPU ranks over gloo with real DeepSpeed.
 
 tests/support/ds_worker.py runs the host's DeepspeedStrategy, Actor (a tiny Qwen2 in bf16, as the
-host loads it), ZeRO engine and ActorPPOTrainer.training_step with the plugin installed by
+host loads it), ZeRO engine, replay buffer and ActorPPOTrainer.ppo_train with the plugin installed by
 openrlhf_hooks. The same global batch of 4 multi-turn trajectories is trained for 3 RL steps by one
 process (micro-batch 4) and by two (micro-batch 2 each).
 
-Tolerances: the step statistics, losses and EPO metrics agree to 1e-4 relative; gradients to 2e-2
-relative (Frobenius) -- the model computes in bf16 and the two runs multiply matrices of different
-batch shapes. Both ranks agree with each other exactly.
+Tolerances: the step statistics and EPO metrics agree to 1e-4 relative; the host's policy loss and
+the gradients to 2e-2 relative (Frobenius) -- the model computes in bf16 and the two runs multiply
+matrices of different batch shapes. Both ranks agree with each other exactly.
 """
 
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
-import torch
 
-from gloo import free_port  # tests/support
+from ds_ranks import relative_difference, run_ranks, tiny_qwen2  # tests/support
 from openrlhf_epo.core import phase_weight
 
-SUPPORT = Path(__file__).parent / "support"
 STEPS = 3
 
 CASES = {
@@ -40,79 +34,40 @@ CASES = {
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def run_ranks(world, flags, model_dir, out_dir, checkpoint_dir=None):
-    port = free_port()
-    processes, outputs, logs = [], [], []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if checkpoint_dir:
-            env["EPO_TEST_CKPT"] = str(checkpoint_dir)
-        out = out_dir / f"w{world}_r{rank}.pt"
-        log = open(out_dir / f"w{world}_r{rank}.log", "w")
-        command = [sys.executable, str(SUPPORT / "ds_worker.py"), str(out), str(model_dir), str(STEPS), *flags]
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-        outputs.append(out)
-        logs.append(log)
-    for process, log in zip(processes, logs):
-        process.wait(timeout=900)
-        log.close()
-    for rank, process in enumerate(processes):
-        if process.returncode != 0:
-            tail = (out_dir / f"w{world}_r{rank}.log").read_text()[-4000:]
-            pytest.fail(f"rank {rank} of {world} exited with {process.returncode}:\n{tail}")
-    return [torch.load(o, weights_only=False) for o in outputs]
-
-
-def _relative(a, b):
-    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
-    den = sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
-    return num / den
+    return tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def runs(request, tiny_model, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp(request.param)
     flags = CASES[request.param]
-    single = run_ranks(1, flags, tiny_model, out_dir)[0]
-    pair = run_ranks(2, flags, tiny_model, out_dir, checkpoint_dir=out_dir / "ckpt")
+    single = run_ranks(1, flags, tiny_model, out_dir, STEPS)[0]
+    pair = run_ranks(2, flags, tiny_model, out_dir, STEPS, env={"EPO_TEST_CKPT": str(out_dir / "ckpt")})
     if not all(math.isfinite(loss) for rank in pair for loss in rank["losses"]):
         # Seen once in about six runs on this 2-core machine, ZeRO-3 only: on both gloo ranks every
         # logit of the host's forward was NaN from step 0 (EPO's own check reported and skipped those
         # steps). Not understood yet (README "Status"); one fresh launch, and a second failure fails.
         warnings.warn(f"{request.param}: the 2-rank run had non-finite losses; launching it once more")
         retry_dir = tmp_path_factory.mktemp(f"{request.param}-retry")
-        pair = run_ranks(2, flags, tiny_model, retry_dir, checkpoint_dir=retry_dir / "ckpt")
+        pair = run_ranks(2, flags, tiny_model, retry_dir, STEPS, env={"EPO_TEST_CKPT": str(retry_dir / "ckpt")})
     return request.param, single, pair
 
 
 def test_loss_and_gradients_equal_one_process(runs):
     _, single, pair = runs
     for step in range(STEPS):
-        # each rank's loss is its share pre-multiplied by dp_size, like the host's aggregate_loss
-        mean_of_ranks = (pair[0]["losses"][step] + pair[1]["losses"][step]) / 2
-        assert mean_of_ranks == pytest.approx(single["losses"][step], rel=1e-4, abs=1e-6)
-        assert _relative(single["grads"][step], pair[0]["grads"][step]) < 2e-2
-        assert _relative(pair[0]["grads"][step], pair[1]["grads"][step]) == 0.0
-    # step 0 has zero advantages: its gradient is EPO's alone, and it is not zero
+        # ppo_train's status is already reduced over the ranks: every rank reports the global value.
+        # The host's PPO loss is a small difference of bf16 ratios: it agrees to 2e-2, like the gradients
+        # (measured 7e-3); EPO's term, from float32 entropies, to 1e-4.
+        for rank in (0, 1):
+            assert pair[rank]["losses"][step] == pytest.approx(single["losses"][step], rel=2e-2, abs=1e-6)
+            term, expected = pair[rank]["records"][step]["metrics"]["epo/loss_term"], single["records"][step]["metrics"]["epo/loss_term"]
+            assert term == pytest.approx(expected, rel=1e-4)
+        assert relative_difference(single["grads"][step], pair[0]["grads"][step]) < 2e-2
+        assert relative_difference(pair[0]["grads"][step], pair[1]["grads"][step]) == 0.0
+    # step 0 has zero advantages: the host's policy loss is 0 (EPO's term is not in that metric),
+    # and its gradient is EPO's alone, and it is not zero
+    assert single["losses"][0] == 0.0
     assert sum(float(g.abs().sum()) for g in single["grads"][0].values()) > 0
 
 

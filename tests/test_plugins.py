@@ -119,3 +119,21 @@ def test_registering_something_that_is_not_a_plugin(site):
 def test_unknown_loss_plugin_names_the_installed_ones(site):
     with pytest.raises(PluginError, match=r"unknown loss plugin 'ep0'; installed loss plugins: epo, scaled"):
         load_plugins().loss_plugin("ep0")
+
+
+def test_worker_env_names_exactly_what_this_process_loaded(site, monkeypatch):
+    from openrlhf_hooks.plugins import worker_env
+
+    registry = load_plugins()  # unset: every installed entry point
+    assert registry.selected == ("epo", "scaled")
+    environ = {"OPENRLHF_HOOKS_TRACE": "1", "OPENRLHF_EPO_KERNEL": "torch", "OPENRLHF_SCALED_X": "2",
+               "OPENRLHF_OTHER_Y": "3", "HOME": "/root"}  # fmt: skip
+    assert worker_env(registry, environ) == {
+        ENV_PLUGINS: "epo,scaled",  # a worker loads these, whatever its own node's environment says
+        "OPENRLHF_HOOKS_TRACE": "1",
+        "OPENRLHF_EPO_KERNEL": "torch",  # a loaded loss plugin's own settings travel too
+        "OPENRLHF_SCALED_X": "2",
+    }
+    monkeypatch.setenv(ENV_PLUGINS, "scaled")
+    assert worker_env(load_plugins(), environ)[ENV_PLUGINS] == "scaled"
+    assert "OPENRLHF_EPO_KERNEL" not in worker_env(load_plugins(), environ)

@@ -34,7 +34,9 @@ def _steps(loss: EPORankLoss, rank: int, count: int, tamper_after: int = -1) -> 
     for _ in range(count):
         loss.begin_step()
         host = (torch.tensor(0.0, dtype=torch.float64),)
-        loss.policy_loss(host, action_mask=MASK, entropy=_entropy(rank, loss.step), loss_batch_info=INFO)
+        entropy = _entropy(rank, loss.step)
+        loss.begin_optimizer_step([(entropy, MASK)] if loss.needs_optimizer_step_entropy() else None)
+        loss.policy_loss(host, action_mask=MASK, entropy=entropy, loss_batch_info=INFO)
         loss.end_step()
         if rank == 1 and loss.step - 1 == tamper_after:
             loss.history.push(0.123)  # this rank's history no longer matches the other's

@@ -345,6 +345,9 @@ class Trainer:
                 policy_loss = -(surrogate * mask).sum() / (float(tokens) / self.ranks.world)
                 loss = policy_loss
                 if self.rank_loss is not None:
+                    # one micro-batch per optimizer step: its own forward is the step's entropy
+                    wanted = self.rank_loss.needs_optimizer_step_entropy()
+                    self.rank_loss.begin_optimizer_step([(entropy.detach(), mask)] if wanted else None)
                     loss = self.rank_loss.policy_loss((policy_loss,), action_mask=mask, entropy=entropy, loss_batch_info=info)[0]
                 else:
                     parts = step_statistic_parts(entropy.detach(), mask, self.aggregation)

@@ -3,6 +3,15 @@
 On CUDA (with Triton installed) a Triton kernel: forward reads the logits once, backward reads them
 once and writes the gradient once, extra memory O(N). Elsewhere a chunked torch path with the same
 signature and results. Set OPENRLHF_EPO_KERNEL=torch to force the torch path on CUDA.
+
+The gradient w.r.t. logits is returned in the logits' dtype (bf16 logits, bf16 gradient), computed
+in float32 and rounded once on the store. It is a dense tensor of the logits' shape, so with `rows`
+it is all zeros except the evaluated rows, which are the only ones computed and written. Why not less:
+autograd requires a gradient of the input's shape and casts any other dtype to the input's (so a
+narrower one would only add a cast); a sparse gradient fails on the host's `reshape` of its logits
+("reshape is not implemented for sparse tensors"); and the host's own log-prob gradient over the
+same logits is dense N x V anyway, into which autograd adds this one. In OpenRLHF 0.11.2 the
+logits arrive as float32 (Actor.forward upcasts them), so there the gradient is float32 N x V.
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ def entropy_logprob(
 
     logits: [N, V] (bf16/fp16/fp32, rows contiguous; -inf entries have probability 0); labels: [N]
     (or [len(rows)]) token ids; temperature: divides the float32 logits, as the host does;
-    rows: optional LongTensor of row indices to evaluate (others are not read, and get zero gradient).
+    rows: optional LongTensor of distinct row indices to evaluate (others are not read, and get zero
+    gradient; a repeated index would get one of its gradients, not their sum).
     Returns (entropy, logprob), both float32 [N] (or [len(rows)]), differentiable w.r.t. logits.
     """
     if logits.dim() != 2:

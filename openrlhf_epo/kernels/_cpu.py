@@ -61,6 +61,7 @@ def forward(logits, labels, rows: Optional[torch.Tensor], temperature: float):
 def backward(logits, labels, rows, temperature, entropy, row_max, log_z, grad_entropy, grad_logprob):
     """d/dlogits of sum(gH * H + gL * logprob)."""
     n = entropy.shape[0]
+    # In the logits' dtype and shape (see kernels/__init__.py); float32 exists only per chunk.
     grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
     for start, end in _chunks(n, logits.shape[1], logits.device):
         index = slice(start, end) if rows is None else rows[start:end]

@@ -119,6 +119,8 @@ def forward(logits, labels, rows: Optional[torch.Tensor], temperature: float):
 
 
 def backward(logits, labels, rows, temperature, entropy, row_max, log_z, grad_entropy, grad_logprob):
+    # In the logits' dtype and shape (see kernels/__init__.py): the kernel computes in float32 registers
+    # and rounds on the store; with rows, the zero fill is the only write to the other rows.
     grad = torch.empty_like(logits) if rows is None else torch.zeros_like(logits)
     n = entropy.shape[0]
     if n:

@@ -41,8 +41,18 @@ def check(name, logits, labels, temperature=1.0, rows=None, tol=1e-5, grad_tol=1
         ((logprob.double() - ref_l).abs() / scale_l).max().item(),
         ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp(min=1e-12)).item(),
     )
-    ok = errors[0] < tol and errors[1] < tol and errors[2] < grad_tol and grad.dtype == logits.dtype
-    print(f"{name}: entropy {errors[0]:.1e} logprob {errors[1]:.1e} grad {errors[2]:.1e} {'ok' if ok else 'FAIL'}")
+    # rows not evaluated: exactly zero (the zero fill), not merely small against the largest gradient
+    others = torch.zeros(logits.shape[0], dtype=torch.bool)
+    if rows is not None:
+        others[:] = True
+        others[rows] = False
+    untouched = bool((grad[others] == 0).all())
+    ok = errors[0] < tol and errors[1] < tol and errors[2] < grad_tol
+    ok = ok and grad.dtype == logits.dtype and grad.shape == logits.shape and untouched
+    print(
+        f"{name}: entropy {errors[0]:.1e} logprob {errors[1]:.1e} grad {errors[2]:.1e} {grad.dtype} "
+        f"{'ok' if ok else 'FAIL'}"
+    )
     if not ok:
         sys.exit(1)
 
@@ -62,6 +72,10 @@ def main():
     check("odd V=129 across blocks", torch.randn(4, 129) * 5, torch.randint(0, 129, (4,)))
     rows = torch.tensor([1, 4])
     check("row subset", logits, torch.randint(0, 300, (2,)), rows=rows)
+    # the gradient comes back in the logits' dtype, other rows zero; out of order, across blocks
+    rows = torch.tensor([5, 0, 3])
+    check("bf16 row subset", logits.to(torch.bfloat16), torch.randint(0, 300, (3,)), rows=rows, grad_tol=1e-2)
+    check("fp16 row subset", logits.to(torch.float16), torch.randint(0, 300, (3,)), rows=rows, grad_tol=1e-2)
 
 
 if __name__ == "__main__":
