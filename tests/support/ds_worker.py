@@ -13,6 +13,7 @@ Replaced host calls, each only because it is CUDA-only and has no CPU meaning:
   then the CPU device, which ppo_train moves micro-batches to;
 - torch.cuda.synchronize (torch_dist_barrier_and_cuda_sync, after the barrier in
   ActorPPOTrainer.__init__ and PolicyModelActor.save_checkpoint) -> no-op.
+ZeRO-3 gathers parameters sequentially (see get_ds_train_config below: a DeepSpeed 0.19.6 race on gloo).
 The process group is created over gloo before the strategy's own deepspeed.init_distributed call,
 which then finds it initialised (DeepSpeed would otherwise pick its CPU backend, ccl).
 """
@@ -93,6 +94,19 @@ def main(out_path, model_dir, steps, flags):
     deepspeed.init_distributed(dist_backend="gloo")
     strategy = get_strategy(args)
     strategy.setup_distributed()
+    host_ds_config = strategy.get_ds_train_config
+
+    def get_ds_train_config(*a, **k):
+        # DeepSpeed 0.19.6 ZeRO-3 over gloo: Init._allgather_params_coalesced (partition_parameters.py,
+        # about line 2082) launches one async all-gather per parameter and waits on the last only; gloo
+        # finishes them out of order and the CPU accelerator skips the synchronize, so a late gather can
+        # overwrite a weight just loaded from the checkpoint with uninitialised memory (NaN logits in
+        # about 1 run in 5). Sequential gathers avoid it (upstream fix: DeepSpeed PR #8539, after 0.19.6).
+        config = host_ds_config(*a, **k)
+        config["zero_optimization"]["stage3_allgather_sequential"] = True
+        return config
+
+    strategy.get_ds_train_config = get_ds_train_config
     actor = Actor(
         str(model_dir),
         attn_implementation="eager",
