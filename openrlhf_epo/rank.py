@@ -42,6 +42,7 @@ from .core import (
     PerTurnEntropyHistory,
     epo_regularizer,
     phase_weight,
+    squared_penalty,
     step_statistic,
     step_statistic_parts,
 )
@@ -175,7 +176,7 @@ class EPORankLoss(RankLoss):
         self._linearize_at = numerator / den if den > 0 else 0.0
         if den > 0:
             lower, upper = self.config.kappa_left * self.reference, self.config.kappa_right * self.reference
-            self._applied_penalties.append(max(0.0, lower - self._linearize_at) ** 2 + max(0.0, self._linearize_at - upper) ** 2)
+            self._applied_penalties.append(squared_penalty(self._linearize_at, lower, upper))
 
     def policy_loss(self, host_outputs, *, action_mask, entropy, loss_batch_info):
         if entropy is None:

@@ -9,6 +9,7 @@ from .objective import (
     epo_loss,
     epo_regularizer,
     phase_weight,
+    squared_penalty,
     step_statistic,
     step_statistic_parts,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "epo_loss",
     "epo_regularizer",
     "phase_weight",
+    "squared_penalty",
     "step_statistic",
     "step_statistic_parts",
     "token_entropy",

@@ -50,7 +50,11 @@ def phase_weight(step: int, total_steps: int, gamma: float, mid_fraction: float)
     return 1.0 + math.exp(-gamma * step / k_mid)
 
 
-def _squared(value, lower, upper):
+def squared_penalty(value, lower, upper):
+    """P = (lower - v)^2 below the corridor, (v - upper)^2 above it, 0 inside (spec section 3);
+    v a tensor or a float (then a float)."""
+    if not isinstance(value, torch.Tensor):
+        return max(0.0, lower - value) ** 2 + max(0.0, value - upper) ** 2
     return torch.relu(lower - value) ** 2 + torch.relu(value - upper) ** 2
 
 
@@ -111,14 +115,14 @@ def epo_regularizer(
 
         if config.penalty == "squared":
             if denominator is None:
-                penalty = _squared(bonus, lower, upper)
+                penalty = squared_penalty(bonus, lower, upper)
             elif linearize_at is None:
                 raise ValueError("the squared penalty on a share of the batch needs linearize_at (the global L_H)")
             else:
                 at = torch.tensor(float(linearize_at), dtype=entropy.dtype, device=entropy.device)
                 slope = 2.0 * torch.relu(at - upper) - 2.0 * torch.relu(lower - at)
                 share = local_den.detach() / den
-                penalty = _squared(at, lower, upper) * share + slope * (bonus - at * share)
+                penalty = squared_penalty(at, lower, upper) * share + slope * (bonus - at * share)
         else:
             if config.penalty == "hinge":
                 per_token = torch.relu(lower - entropy) + torch.relu(entropy - upper)
