@@ -8,10 +8,12 @@ installed; everything the plugin needs there comes from the host's args, never f
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
 import ray
+import torch
 from openrlhf.trainer.ray import ppo_actor
 
 from .api import RankContext
@@ -19,6 +21,13 @@ from .plugins import get_registry
 from .trainer import STATE_KEY, HookedTrainer, hooks_settings, install
 
 HostPolicyModelActor = ppo_actor.PolicyModelActor.__ray_actor_class__
+STATE_LOG_ENV = "OPENRLHF_HOOKS_STATE_LOG"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to the state log")
 
 
 class HookedPolicyModelActor(HostPolicyModelActor):
@@ -33,6 +42,7 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         settings = hooks_settings(strategy.args) or {}
         registry = get_registry()
         self.rollout_processors = tuple(registry.rollout_processor(n) for n in settings.get("rollout_processors", ()))
+        self._log_state("start")
         return result
 
     def append(self, experience):
@@ -46,7 +56,21 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         self.hooked.begin_step()
         status = super().fit(kl_ctl)
         status.update(self.hooked.end_step())
+        self._log_state("step")
         return status
+
+    def _log_state(self, event: str) -> None:
+        """With OPENRLHF_HOOKS_STATE_LOG=DIR, each rank appends the loss plugin's state (what its
+        checkpoint would hold) to DIR/rank<N>.jsonl at start-up (after any resume) and after every
+        RL step: to audit that all ranks hold the same state, and what a resume restored."""
+        folder = os.environ.get(STATE_LOG_ENV)
+        if not folder or self.hooked is None:
+            return
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        record = {"event": event, "rank": rank, **self.hooked.state()}
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as out:
+            out.write(json.dumps(record, default=_jsonable) + "\n")
 
     def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
         if self.hooked is not None:

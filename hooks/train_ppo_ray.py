@@ -5,6 +5,7 @@ Accepts every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus
   --<NAME>.<knob> VALUE       that plugin's flags (EPO: --epo.preset, --epo.config, --epo.<field>)
   --rollout_processors A,B    rollout post-processors to run on each rank's experiences
   --plugins_dry_run           run all parsing and validation, print one JSON object, exit before Ray
+  --cpu                       CPU mode: OpenRLHF's loop on a machine without CUDA (hooks/cpu_mode.py)
 
 The host's own parser and validation run unchanged (its module is executed as __main__). Two
 seams are used, both in this driver process only: the host's `hierarchize` is observed to get the
@@ -30,12 +31,14 @@ import difflib
 import importlib.abc
 import importlib.util
 import json
+import os
 import re
 import runpy
 import sys
 import types
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from . import cpu_mode
 from .api import PluginConfigError, PluginError
 from .plugins import Registry, get_registry, worker_env
 from .steps import RLStepsError, derive_rl_steps
@@ -191,6 +194,13 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         help=f"installed: {', '.join(sorted(registry.rollout_processors)) or 'none'}",
     )
     group.add_argument("--plugins_dry_run", action="store_true", help="validate everything, print JSON, exit 0")
+    group.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU mode: run OpenRLHF's loop without CUDA (smoke runs, CI); adds "
+        + ", ".join(f"{f} {v}" if v else f for f, v in cpu_mode.FLAG_DEFAULTS)
+        + " when not given (openrlhf_hooks/cpu_mode.py)",
+    )
     for name in sorted(registry.loss_plugins):
         plugin = registry.loss_plugins[name]
         plugin.add_arguments(parser.add_argument_group(f"loss plugin {name} {plugin.version} (with --loss_plugin {name})"))
@@ -251,10 +261,13 @@ def run_host(
     on_args_ready: Callable[[Any], None],
     actor_class: Any = None,
     worker_env: Optional[Mapping[str, str]] = None,
+    ray_init_options: Optional[Callable[[Any, bool], dict]] = None,
 ) -> None:
     """Execute OpenRLHF's train_ppo_ray as __main__ with host_argv; on_args_ready(args) runs after
     all host validation, right before train() starts Ray. actor_class replaces PolicyModelActor.
-    worker_env: environment variables added to the runtime_env of the host's own ray.init."""
+    worker_env: environment variables added to the runtime_env of the host's own ray.init.
+    ray_init_options(args, connecting): more keyword arguments for that ray.init (a runtime_env in
+    them is merged); connecting is True when it will join a running cluster (RAY_ADDRESS)."""
     import ray
     import openrlhf.utils.config as host_config
     from openrlhf.trainer.ray import ppo_actor
@@ -284,14 +297,16 @@ def run_host(
 
     def init(*args, **kwargs):
         # the host passes runtime_env={"env_vars": {3 of its own}} (cli/train_ppo_ray.py:23-31)
-        runtime_env = dict(kwargs.get("runtime_env") or {})
+        extra = dict(ray_init_options(captured["args"], bool(args or kwargs.get("address") or os.environ.get("RAY_ADDRESS")))
+                     if ray_init_options else {})  # fmt: skip
+        runtime_env = {**(kwargs.get("runtime_env") or {}), **extra.pop("runtime_env", {})}
         runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **(worker_env or {})}
-        kwargs["runtime_env"] = runtime_env
+        kwargs.update(extra, runtime_env=runtime_env)
         return original_init(*args, **kwargs)
 
     host_config.hierarchize = hierarchize
     ray.is_initialized = is_initialized
-    if worker_env:
+    if worker_env or ray_init_options:
         ray.init = init
     if actor_class is not None:
         ppo_actor.PolicyModelActor = actor_class
@@ -344,10 +359,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_host(["--help"], lambda args: None)
             return 0
         settings, dry_run, host_argv = resolve(argv, registry)
+        cpu = "--cpu" in argv
+        if cpu:
+            host_argv, added = cpu_mode.with_flag_defaults(host_argv)
+            if added:
+                print(f"{PROG}: --cpu adds {', '.join(added)}", file=sys.stderr, flush=True)
         plugin = registry.loss_plugin(settings["loss_plugin"]) if settings and settings["loss_plugin"] else None
         real_stdout = sys.stdout
 
         def on_args_ready(args):
+            if cpu:
+                try:
+                    cpu_mode.check_args(args)
+                except cpu_mode.CPUModeError as exc:
+                    raise LauncherError(str(exc)) from None
             if settings is not None:
                 setattr(args, ARGS_KEY, settings)
             if plugin is not None:
@@ -372,11 +397,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # In a dry run stdout carries only the JSON: the host's own prints go to stderr.
         redirect = contextlib.redirect_stdout(sys.stderr) if dry_run else contextlib.nullcontext()
         placeholders = host_import_placeholders() if dry_run else contextlib.nullcontext()
+        env = worker_env(registry) if settings is not None else {}
+        ray_init_options = None
+        if cpu and not dry_run:
+            cpu_mode.activate()  # in this process; Ray workers run it as their setup hook
+            env.update({name: os.environ[name] for name in (*cpu_mode.ENV_DEFAULTS, cpu_mode.ENV_FLAG)})
+            ray_init_options = cpu_mode.ray_init_kwargs
         with redirect, placeholders:
             actor_class = None
             if settings is not None and not dry_run:
                 from .ray_actor import PolicyModelActor as actor_class
-            run_host(host_argv, on_args_ready, actor_class, worker_env(registry) if settings is not None else None)
+            run_host(host_argv, on_args_ready, actor_class, env or None, ray_init_options)
         return 0
     except ImportError as exc:
         if isinstance(exc, HostDependencyUnavailable):

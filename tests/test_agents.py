@@ -31,6 +31,12 @@ TWX_FILE = AGENTS / "textworld_express_agent.py"
 # Short gold paths: five steps in ScienceWorld, a few in a three-room coin game (TextWorld-Express
 # draws its gold path at random, so its length varies).
 SW_TASK = {"task": "find-non-living-thing", "variation": 0}
+# Scoring steps in SW_TASK: 8, 25, 25 and 75 points after each (the gold path's non-living thing varies).
+SW_SCORING_ACTIONS = ["open door to kitchen", "go to kitchen", "look around", "focus on bowl"]
+# A failed task: the door and the kitchen score 8, then 25 points; focusing on the air (not alive) fails the
+# task, at -100.
+SW_FAILING_TASK = {"task": "find-living-thing", "variation": 0}
+SW_FAILING_ACTIONS = ["open door to kitchen", "go to kitchen", "focus on air"]
 TWX_GAME = {"game": "coin", "seed": 0, "params": "numLocations=3,includeDoors=1,numDistractorItems=2"}
 CHATML_PROMPT = (
     "<|im_start|>system\nYou are a helpful agent.<|im_end|>\n"
@@ -256,19 +262,23 @@ def test_scienceworld_gold_path_with_invalid_actions(monkeypatch, sw_gold):
     blocked = asyncio.run(agent.step(act("Action: reset task")))
     assert 'Invalid action: "reset task"' in blocked["environment_feedback"] and not blocked["done"]
 
-    scores_seen = []
+    rewards = [bad["rewards"].item(), blocked["rewards"].item()]
     for i, action in enumerate(sw_gold):
         reply = f"> {action}\nThat should help." if i % 2 else action.capitalize() + "."
         out = asyncio.run(agent.step(act(reply)))
+        rewards.append(out["rewards"].item())
         last = i == len(sw_gold) - 1
         assert out["done"] is last
+        # After every step the rewards so far (summed as OpenRLHF sums them) are the clipped score: an
+        # episode that OpenRLHF cut here would keep its credit.
+        earned = max(agent.episode.score, 0) / 100
+        assert sum(rewards) == earned == out["extra_logs"]["env_score"]
+        assert out["scores"].item() == pytest.approx(earned)
         if not last:
-            scores_seen.append(agent.episode.score)
-            assert out["rewards"].item() == 0.0 and out["scores"].item() == 0.0
             assert out["environment_feedback"].endswith("<|im_start|>assistant\n")
             assert "Invalid action" not in out["environment_feedback"]
-    assert max(scores_seen) > 0  # the game scored progress that the sparse reward held back
-    assert out["rewards"].item() == 1.0 and out["scores"].item() == 1.0
+    assert rewards[:2] == [0.0, 0.0] and rewards[2] > 0.0  # the first gold step already scores
+    assert sum(rewards) == 1.0 == sw.terminal_reward(100, "score") and out["scores"].item() == 1.0
     assert out["environment_feedback"] == ""
     assert out["extra_logs"] == {
         "env_score": 1.0, "env_success": 1.0, "env_invalid_actions": 2.0, "env_turns": float(len(sw_gold) + 2),
@@ -292,12 +302,49 @@ def test_scienceworld_turn_cap_ends_with_the_partial_score_or_no_success(monkeyp
         return await asyncio.gather(capped("score"), capped("success"))
 
     for mode, (one, two) in zip(["score", "success"], asyncio.run(both())):
-        assert not one["done"] and one["rewards"].item() == 0.0
+        assert not one["done"]
         assert two["done"] and two["extra_logs"]["env_turns"] == 2.0 and two["extra_logs"]["env_success"] == 0.0
-        partial = two["extra_logs"]["env_score"]
-        assert 0.0 < partial < 1.0
-        assert two["rewards"].item() == pytest.approx(partial if mode == "score" else 0.0)
+        first, partial = one["extra_logs"]["env_score"], two["extra_logs"]["env_score"]
+        assert 0.0 < first < partial < 1.0
+        # Score mode pays the credit as it comes; success mode has none to pay.
+        assert one["rewards"].item() == (first if mode == "score" else 0.0)
+        assert one["rewards"].item() + two["rewards"].item() == (partial if mode == "score" else 0.0)
+        assert two["scores"].item() == pytest.approx(partial if mode == "score" else 0.0)
     assert len(jvms) == 2 and all(exited(jvm) for jvm in jvms)
+
+
+def test_scienceworld_failed_task_gives_its_credit_back_and_success_pays_only_a_win(monkeypatch, sw_gold):
+    jvms = track_jvms(monkeypatch, scienceworld, "ScienceWorldEnv")
+    sw = load(SW_FILE, "sw_modes")
+
+    async def play(task, mode, actions):
+        agent = sw.AgentInstance()
+        await agent.reset({"observation": "", "label": {**task, "reward": mode}})
+        outs, scores = [], []
+        for action in actions:
+            outs.append(await agent.step(act(action)))
+            scores.append(agent.episode.score)
+        return [o["rewards"].item() for o in outs], scores, outs[-1]
+
+    async def all_three():  # concurrently, as a rollout actor runs its episodes
+        return await asyncio.gather(
+            play(SW_FAILING_TASK, "score", SW_FAILING_ACTIONS),
+            play(SW_FAILING_TASK, "success", SW_FAILING_ACTIONS),
+            play(SW_TASK, "success", sw_gold),
+        )
+
+    (failed, failed_scores, failed_last), (failed_success, _, _), (won, won_scores, won_last) = asyncio.run(all_three())
+    assert failed_scores == [8, 25, -100] and failed_last["done"]
+    # Score mode: credit paid as it comes, taken back by the failure; the total is the clipped final score,
+    # as when the whole reward came at the end.
+    assert failed == [0.08, 0.25 - 0.08, -0.25]
+    assert [sum(failed[:k]) for k in (1, 2, 3)] == [0.08, 0.25, 0.0] == [max(s, 0) / 100 for s in failed_scores]
+    assert failed_last["scores"].item() == 0.0 and failed_last["extra_logs"]["env_score"] == 0.0
+    # Success mode: 0/1 is known only when the game is over, so nothing before; a cut episode earns 0.
+    assert failed_success == [0.0, 0.0, 0.0]
+    assert 0 < won_scores[0] and won_scores[-1] == 100 and won_last["done"]
+    assert won == [0.0] * (len(sw_gold) - 1) + [1.0] and won_last["scores"].item() == 1.0
+    assert len(jvms) == 3 and all(exited(jvm) for jvm in jvms)
 
 
 def test_scienceworld_through_openrlhfs_executor(monkeypatch, sw_gold):
@@ -317,6 +364,29 @@ def test_scienceworld_through_openrlhfs_executor(monkeypatch, sw_gold):
     for (_, end), context in zip(ranges[:-1], engine.contexts[1:]):
         assert context[end:].startswith("\n<|im_start|>user\n") and context.endswith("<|im_start|>assistant\n")
     assert exited(jvms[0])
+
+
+def test_scienceworld_episode_cut_by_the_token_budget_keeps_its_credit(monkeypatch):
+    jvms = track_jvms(monkeypatch, scienceworld, "ScienceWorldEnv")
+    executor = _load_agent_executor(str(SW_FILE))
+
+    # The fourth reply runs into the context limit: OpenRLHF steps it (its first line is the action), then
+    # stops without `done`.
+    replies = SW_SCORING_ACTIONS[:3] + [SW_SCORING_ACTIONS[3] + "\n" + "z" * 100_000]
+    result, engine = execute(executor, "", SW_TASK, replies, max_length=20000)
+    assert result["truncated"] and len(result["action_ranges"]) == 4
+    assert result["reward"] == 0.75 and float(result["scores"]) == pytest.approx(0.75)
+    assert result["extra_logs"]["env_score"] == 0.75 and result["extra_logs"]["env_success"] == 0.0
+
+    # The context before the fourth reply fills the budget: OpenRLHF stops after three steps, no reply cut.
+    budget = len(engine.contexts[3])
+    for mode, reward in [("score", 0.25), ("success", 0.0)]:
+        result, engine = execute(executor, "", {**SW_TASK, "reward": mode}, SW_SCORING_ACTIONS, max_length=budget)
+        assert len(engine.contexts) == 3 and len(result["action_ranges"]) == 3 and not result["truncated"]
+        assert result["reward"] == reward and float(result["scores"]) == pytest.approx(reward)
+        assert result["extra_logs"]["env_score"] == 0.25
+    gc.collect()
+    assert len(jvms) == 3 and all(exited(jvm) for jvm in jvms)
 
 
 def test_textworld_express_gold_path_with_invalid_actions(monkeypatch, twx_gold):

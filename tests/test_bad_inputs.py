@@ -817,14 +817,13 @@ def _(env):
 
 
 def bare_process(env, flags, extra_env=None):
-    """`python -m openrlhf_hooks.train_ppo_ray` in a fresh process WITHOUT the test stand-ins."""
-    from importlib.machinery import PathFinder
+    """`python -m openrlhf_hooks.train_ppo_ray` in a fresh process WITHOUT the test stand-ins, and
+    without vllm and flash_attn (tests/support/no_gpu_packages.py)."""
+    import no_gpu_packages
 
-    if PathFinder.find_spec("vllm") is not None:  # on sys.path, not the stand-in in sys.modules
-        pytest.skip("vllm is installed here")
     child_env = {k: v for k, v in os.environ.items() if k != plugins.ENV_PLUGINS}
     child_env.update(extra_env or {})
-    command = [sys.executable, "-m", "openrlhf_hooks.train_ppo_ray", *HOST, *flags]
+    command = no_gpu_packages.command(*HOST, *flags)
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=child_env)
 
 

@@ -1,28 +1,25 @@
-"""--plugins_dry_run and --help on a CPU machine without vLLM and flash-attn (scripts/bootstrap.sh).
+"""--plugins_dry_run and --help on a CPU machine without vLLM and flash-attn (a laptop, a login node).
 
 Every test runs `python -m openrlhf_hooks.train_ppo_ray` (or a short script) in a fresh process
-WITHOUT the test stand-ins of tests/support/stand_ins.py: the launcher's own dry-run placeholders
-must be enough there, and a real run must stop with one line naming the package to install.
+WITHOUT the test stand-ins of tests/support/stand_ins.py, in which vllm and flash_attn cannot be
+imported (the test environment has vLLM's CPU build: tests/support/no_gpu_packages.py hides it from
+the import system, as if it were not installed): the launcher's own dry-run placeholders must be enough there,
+and a real run must stop with one line naming the package to install.
 """
 
 import json
 import os
 import subprocess
-import sys
 import textwrap
-from importlib.machinery import PathFinder
 from pathlib import Path
 
 import pytest
 
+import no_gpu_packages
 from openrlhf_hooks.plugins import ENV_PLUGINS
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "python -m openrlhf_hooks.train_ppo_ray: error: "
-# installed on sys.path (other test modules put stand-ins into sys.modules, which find_spec would see)
-WITHOUT_GPU_PACKAGES = PathFinder.find_spec("vllm") is None and PathFinder.find_spec("flash_attn") is None
-needs_cpu_install = pytest.mark.skipif(not WITHOUT_GPU_PACKAGES, reason="vllm or flash_attn is installed here")
-
 
 def host_flags(prompts_path):
     return ["--actor.model_name_or_path", "/nonexistent/model", "--algo.advantage.estimator", "group_norm",
@@ -40,12 +37,10 @@ def prompts(tmp_path):
 
 def launch(*argv, script=None):
     env = {k: v for k, v in os.environ.items() if k != ENV_PLUGINS}
-    command = [sys.executable, "-c", textwrap.dedent(script), *argv] if script else \
-        [sys.executable, "-m", "openrlhf_hooks.train_ppo_ray", *argv]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    argv = no_gpu_packages.command(*argv, script=textwrap.dedent(script)) if script else no_gpu_packages.command(*argv)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
-@needs_cpu_install
 @pytest.mark.parametrize("plugin", [["--loss_plugin", "epo", "--epo.preset", "paper-sciworld"],
                                     ["--loss_plugin", "scaled", "--scaled.factor", "2"]], ids=["epo", "third-party"])  # fmt: skip
 def test_dry_run_without_vllm_and_flash_attn_reports_k(prompts, plugin):
@@ -59,7 +54,6 @@ def test_dry_run_without_vllm_and_flash_attn_reports_k(prompts, plugin):
     assert report["plugins"] == ["epo", "scaled"]
 
 
-@needs_cpu_install
 def test_dry_run_warns_when_k_cannot_be_counted(tmp_path):
     done = launch(*host_flags(tmp_path / "missing.jsonl"), "--loss_plugin", "epo", "--plugins_dry_run")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -70,7 +64,6 @@ def test_dry_run_warns_when_k_cannot_be_counted(tmp_path):
     assert warning[0].endswith("set --epo.total_steps to the number of RL steps")
 
 
-@needs_cpu_install
 def test_help_without_vllm_and_flash_attn():
     done = launch("--help")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,7 +97,6 @@ SAME_PROCESS = """
 """
 
 
-@needs_cpu_install
 def test_placeholders_live_only_during_the_dry_run_and_a_real_run_names_the_package(prompts):
     done = launch(*host_flags(prompts), "--loss_plugin", "epo", script=SAME_PROCESS)
     lines = done.stderr.strip().splitlines()
@@ -119,7 +111,6 @@ def test_placeholders_live_only_during_the_dry_run_and_a_real_run_names_the_pack
                          "OpenRLHF 0.11.2 with vllm and flash-attn")  # fmt: skip
 
 
-@needs_cpu_install
 def test_real_run_without_vllm_is_one_line_and_exit_2(prompts):
     done = launch(*host_flags(prompts), "--loss_plugin", "scaled")
     assert done.returncode == 2 and done.stdout == ""

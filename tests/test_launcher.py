@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from example_args import example_args
 from host_args import host_args, tiny_host_flags  # installs the flash_attn/vllm stand-ins
 from openrlhf_epo import PRESETS, EPOConfig
 from openrlhf_hooks.train_ppo_ray import ARGS_KEY, main
@@ -154,15 +155,11 @@ def test_module_entry_point_dry_run_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("train_*_epo_*.sh")))
-def test_example_scripts_pass_host_and_plugin_validation(capsys, script):
-    import shlex
-
-    text = (ROOT / "examples" / script).read_text().replace("\\\n", " ")
-    command = next(line for line in text.splitlines() if "openrlhf_hooks.train_ppo_ray" in line)
-    flags = shlex.split(command.split("openrlhf_hooks.train_ppo_ray", 1)[1])
-    values = {"$AGENT_FUNC_PATH": "agent.py", "$PROMPT_DATA": "prompts.jsonl", "$MODEL": "model",
-              "$SAVE": "ckpt", "$SAVE/final": "ckpt/final", "$PRESET": "paper-alfworld"}  # fmt: skip
-    flags = [values.get(f, f) for f in flags]
+def test_example_scripts_pass_host_and_plugin_validation(capsys, script, tmp_path):
+    # the command line the script builds with its GPU defaults (examples/*.sh run, with a stand-in python)
+    env = {"AGENT_FUNC_PATH": "agent.py", "PROMPT_DATA": "prompts.jsonl", "MODEL": "model", "SAVE": "ckpt"}
+    flags = example_args(script, env, tmp_path)
+    assert "flash_attention_2" in flags and "--cpu" not in flags
     with pytest.raises(SystemExit) as done:
         main([*flags, "--plugins_dry_run"])
     assert done.value.code == 0

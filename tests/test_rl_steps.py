@@ -9,13 +9,13 @@ from the flags and the dataset must equal that count.
 """
 
 import json
-import shlex
 import threading
 from pathlib import Path
 
 import pytest
 import ray
 
+from example_args import example_args
 from host_args import host_args, tiny_host_flags  # installs the flash_attn/vllm stand-ins
 from openrlhf_hooks.steps import RLSteps, RLStepsError, count_prompts, derive_rl_steps, rl_steps
 
@@ -183,11 +183,10 @@ def test_blended_datasets_are_counted_by_the_host_functions(local_ray, tokenizer
 def test_grpo_example_shape(local_ray, tokenizer_dir, tmp_path):
     """examples/train_grpo_epo_agent_ray.sh with 1000 prompts: 63 steps per episode x 20 = 1260 (the
     host's max_steps / steps-per-update gave 1240)."""
-    text = (ROOT / "examples" / "train_grpo_epo_agent_ray.sh").read_text().replace("\\\n", " ")
-    command = next(line for line in text.splitlines() if "openrlhf_hooks.train_ppo_ray" in line)
-    values = {"$AGENT_FUNC_PATH": "agent.py", "$PROMPT_DATA": prompts_file(tmp_path, 1000), "$MODEL": str(tokenizer_dir),
-              "$SAVE": str(tmp_path / "ckpt"), "$SAVE/final": str(tmp_path / "final"), "$PRESET": "paper-alfworld"}  # fmt: skip
-    example = [values.get(f, f) for f in shlex.split(command.split("openrlhf_hooks.train_ppo_ray", 1)[1])]
+    env = {"AGENT_FUNC_PATH": "agent.py", "PROMPT_DATA": prompts_file(tmp_path, 1000), "MODEL": str(tokenizer_dir),
+           "SAVE": str(tmp_path / "ckpt")}  # fmt: skip
+    example = example_args("train_grpo_epo_agent_ray.sh", env, tmp_path)
+    assert example[:4] == ["--loss_plugin", "epo", "--epo.preset", "paper-alfworld"]
     assert derive_rl_steps(host_args(example)).steps == 1260
     # the host's loop over the same flags with 2 of the 20 episodes (each episode is the same loop;
     # the whole 1260 steps take a minute here): 2 x 63

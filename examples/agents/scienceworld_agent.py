@@ -11,9 +11,12 @@ Dataset row (`--data.input_key prompt --data.label_key label`):
           "simplifications": "", "max_turns": 40, "reward": "score"}. Only "task" is required; "task"
           is any ScienceWorld task name or id.
 
-Reward: sparse. Every step but the last gives 0. The last one (task completed, task failed, or the
-max_turns cap) gives max(score, 0) / 100 with "reward": "score" (the default, ScienceWorld's own metric,
-partial credit for sub-goals), or 1.0 only for a full score with "reward": "success".
+Reward: OpenRLHF sums the step rewards, and stops an episode after any step once its context budget
+(--data.max_len) is spent, so each step pays what the episode earned since the last one. "reward": "score"
+(the default, ScienceWorld's own metric, partial credit for sub-goals): the rewards so far always sum to
+max(score, 0) / 100, so an episode cut short keeps its credit (and a failed task, score below 0, gives it
+back). "reward": "success": 1.0 on the step that reaches a full score, else 0 (an episode cut short has not
+succeeded).
 
 Chat format: ChatML (Qwen family). Another model family needs other turn markers (in text_game_agent.py).
 The JVM that each episode starts is shut down when the episode ends.
@@ -107,7 +110,8 @@ def invalid_action_feedback(action: str, reason: str, valid_actions, rng: random
 
 
 def terminal_reward(score: int, mode: str) -> float:
-    """Episode reward from ScienceWorld's 0..100 score (negative when the task was failed)."""
+    """Episode reward from ScienceWorld's 0..100 score (negative when the task was failed). In "score" mode
+    it is also the credit earned so far while the episode runs."""
     if mode == "success":
         return 1.0 if score >= 100 else 0.0
     return max(score, 0) / 100.0
@@ -122,6 +126,7 @@ class ScienceWorldEpisode:
         self.turns = 0
         self.invalid_actions = 0
         self.score = 0
+        self.paid = 0.0  # the sum of the rewards returned so far, as OpenRLHF adds them up
         self.valid_actions = []
         self.done = False
         self._rng = random.Random(f"{spec.task}/{spec.variation}")
@@ -155,10 +160,20 @@ class ScienceWorldEpisode:
             self.invalid_actions += 1
             observation = invalid_action_feedback(action, observation.strip(), self.valid_actions, self._rng)
         self.done = completed or self.turns >= self.spec.max_turns
-        reward = terminal_reward(self.score, self.spec.reward) if self.done else 0.0
+        # OpenRLHF may stop after this step without a `done` (context budget spent) and keeps the sum of the
+        # rewards so far, so pay what was earned and not yet paid (negative when a failure takes it back).
+        reward = self.earned() - self.paid
+        self.paid += reward
         if self.done:
             self.close()
         return Outcome(observation.strip(), reward, self.done, self.logs())
+
+    def earned(self) -> float:
+        """The episode's reward if it stopped now: the score's partial credit counts at once, success only
+        once the game is over."""
+        if self.spec.reward == "score" or self.done:
+            return terminal_reward(self.score, self.spec.reward)
+        return 0.0
 
     def logs(self) -> dict:
         # Same keys on every step: OpenRLHF keeps the last step's and batches them across episodes.

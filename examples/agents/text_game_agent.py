@@ -76,7 +76,7 @@ def label_fields(label, known, required: str, why: str, what: str) -> dict:
 @dataclass
 class Outcome:
     observation: str
-    reward: float
+    reward: float  # this step's part of the episode reward: OpenRLHF adds up the steps' parts
     done: bool
     logs: dict = field(default_factory=dict)
 
@@ -90,17 +90,22 @@ class EpisodeAgentInstance(AgentInstanceBase):
 
     def __init__(self, *args, **kwargs):
         self.episode = None
+        self.total_reward = 0.0
 
     async def reset(self, states: dict, **kwargs):
         self.episode = self.new_episode(states["label"])
+        self.total_reward = 0.0
         observation = await asyncio.to_thread(self.episode.start)
         return {"observation": first_turn(states["observation"], observation, self.instructions)}
 
     async def step(self, states: dict, **kwargs):
         outcome = await asyncio.to_thread(self.episode.act, states["action_text"])
+        self.total_reward += outcome.reward
         return {
-            "rewards": torch.tensor(outcome.reward),
-            "scores": torch.tensor(outcome.reward),
+            # OpenRLHF sums the step rewards (float64, so that its sum is exactly total_reward) but keeps only
+            # the last step's scores: the scores are the episode's reward so far.
+            "rewards": torch.tensor(outcome.reward, dtype=torch.float64),
+            "scores": torch.tensor(self.total_reward),
             # Nothing follows the last action, so the sequence ends on it.
             "environment_feedback": "" if outcome.done else feedback_turn(outcome.observation),
             "done": outcome.done,

@@ -6,14 +6,9 @@ replay buffer and runs the host's ppo_train between the plugin's begin_step and 
 Usage (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set by the test):
     python ds_worker.py OUT.pt MODEL_DIR STEPS [launcher flags...]
 
-Replaced host calls, each only because it is CUDA-only and has no CPU meaning:
-- torch.cuda.set_device (DeepspeedStrategy.setup_distributed) -> no-op;
-- init_device_mesh("cuda", ...) (same method) -> the same mesh on "cpu";
-- torch.cuda.current_device -> 0 while NaiveReplayBuffer.__init__ records its (unused) target device,
-  then the CPU device, which ppo_train moves micro-batches to;
-- torch.cuda.synchronize (torch_dist_barrier_and_cuda_sync, after the barrier in
-  ActorPPOTrainer.__init__ and PolicyModelActor.save_checkpoint) -> no-op.
-ZeRO-3 gathers parameters sequentially (see get_ds_train_config below: a DeepSpeed 0.19.6 race on gloo).
+The host's CUDA-only calls are replaced by CPU mode's replacements (openrlhf_hooks/cpu_mode.py,
+REPLACEMENTS, each with the host's file:line), applied in this process with cpu_mode.activate():
+the same ones a `--cpu` run uses, ZeRO-3's sequential parameter gathers included.
 The process group is created over gloo before the strategy's own deepspeed.init_distributed call,
 which then finds it initialised (DeepSpeed would otherwise pick its CPU backend, ccl).
 """
@@ -28,21 +23,17 @@ from host_args import host_args, tiny_host_flags  # noqa: E402  (installs the st
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import openrlhf.trainer.ray.ppo_actor as ppo_actor_module  # noqa: E402
-import openrlhf.utils.deepspeed.deepspeed as strategy_module  # noqa: E402
 from openrlhf.models import Actor  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.utils import get_strategy  # noqa: E402
 
 from openrlhf_epo.core import step_statistic_parts  # noqa: E402
+from openrlhf_hooks import cpu_mode  # noqa: E402
 from openrlhf_hooks.trainer import ARGS_KEY, install  # noqa: E402
 
-torch.cuda.set_device = lambda device: None
-torch.cuda.current_device = lambda: 0
-strategy_module.init_device_mesh = lambda device_type, *a, **k: init_device_mesh("cpu", *a, **k)
-torch.cuda.synchronize = lambda device=None: None
+cpu_mode.activate()
 
 LENGTH = 24
 # turn layouts (runs of action tokens separated by observation tokens), cycled over the batch rows
@@ -94,19 +85,6 @@ def main(out_path, model_dir, steps, flags):
     deepspeed.init_distributed(dist_backend="gloo")
     strategy = get_strategy(args)
     strategy.setup_distributed()
-    host_ds_config = strategy.get_ds_train_config
-
-    def get_ds_train_config(*a, **k):
-        # DeepSpeed 0.19.6 ZeRO-3 over gloo: Init._allgather_params_coalesced (partition_parameters.py,
-        # about line 2082) launches one async all-gather per parameter and waits on the last only; gloo
-        # finishes them out of order and the CPU accelerator skips the synchronize, so a late gather can
-        # overwrite a weight just loaded from the checkpoint with uninitialised memory (NaN logits in
-        # about 1 run in 5). Sequential gathers avoid it (upstream fix: DeepSpeed PR #8539, after 0.19.6).
-        config = host_ds_config(*a, **k)
-        config["zero_optimization"]["stage3_allgather_sequential"] = True
-        return config
-
-    strategy.get_ds_train_config = get_ds_train_config
     actor = Actor(
         str(model_dir),
         attn_implementation="eager",
@@ -134,9 +112,6 @@ def main(out_path, model_dir, steps, flags):
         micro_train_batch_size=args.train.micro_batch_size,
         eps_clip=args.actor.eps_clip,
     )
-    # past the replay buffer's `cuda:N` target device (set in its __init__ and only used by sample()),
-    # ppo_train moves each micro-batch to torch.cuda.current_device()
-    torch.cuda.current_device = lambda: torch.device("cpu")
     hooked = install(trainer, strategy)
 
     grads = []

@@ -1,0 +1,136 @@
+"""python -m openrlhf_hooks.tiny_model DIR: a tiny random-weight Qwen2 chat model for CPU smoke runs.
+
+Built offline in a few seconds: a byte-level BPE tokenizer trained here with ChatML's special tokens
+and a Qwen-style chat template, and a 2-layer Qwen2 (head_dim 64, which vLLM's CPU attention needs).
+It loads with `from_pretrained(DIR)` and vLLM serves it, so `--actor.model_name_or_path DIR` runs
+OpenRLHF's whole loop in CPU mode (`--cpu`) on a laptop.
+
+A random model almost never emits its stop token, and OpenRLHF's multi-turn executor then spends all
+of `--data.max_len` on one turn. So the stop token `<|im_end|>` gets a fixed probability (STOP_PROBABILITY
+per token): one residual dimension holds a constant that no layer writes to, and only the stop
+token's output row reads it. Training moves the weights, so the probability drifts from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+VOCAB_SIZE = 512
+HIDDEN = 128
+STOP_PROBABILITY = 0.25
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Text the tokenizer learns its merges from: the words of text games and their instructions.
+_CORPUS = """
+You are playing a text adventure game. Each turn you receive an observation. Reply with exactly one
+action on a single line and nothing else, for example: move north. look around, inventory, move east,
+move west, move south, open door to north, close door to south, take coin, put apple in box, focus on
+Task: You are hungry! Let's cook a delicious meal. Find the coin. You are in the kitchen. In one part
+of the room you see a fridge that is closed. There is also a counter. To the North you see a door.
+Invalid action. Valid actions here. system user assistant science thermometer water boil freeze melt
+"""
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[END_OF_TEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=IM_END,
+        pad_token=END_OF_TEXT,
+        additional_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_model(path: Path, tokenizer, seed: int = 0):
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=HIDDEN // 2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    stop, constant_dim = tokenizer.eos_token_id, HIDDEN - 1
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        others = embed[:, :constant_dim].pow(2).mean().sqrt()
+        # the constant carries half the residual's energy, so after the final RMSNorm it reads
+        # about sqrt(HIDDEN / 2) whatever the token
+        embed[:, constant_dim] = others * math.sqrt(constant_dim)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[constant_dim] = 0
+            layer.mlp.down_proj.weight[constant_dim] = 0
+        head = model.lm_head.weight
+        head[:, constant_dim] = 0
+        head[stop] = 0
+        # the layers' writes to the other dimensions shrink the constant after the final norm:
+        # read its actual value on random text, then set the stop row to give the target logit
+        sample = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(seed))
+        constant = model(sample, output_hidden_states=True).hidden_states[-1][..., constant_dim].mean()
+        target_logit = math.log(STOP_PROBABILITY / (1 - STOP_PROBABILITY) * (len(tokenizer) - 1))
+        head[stop, constant_dim] = target_logit / constant
+    model.to(torch.bfloat16).save_pretrained(path)
+    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+    return model
+
+
+def build(path: str | Path, seed: int = 0) -> Path:
+    """Write the tokenizer and the model to `path` (created if needed); returns it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path)
+    build_model(path, tokenizer, seed)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_hooks.tiny_model", description=__doc__.split("\n")[0])
+    parser.add_argument("path", help="folder to write the model and tokenizer to")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build(args.path, args.seed)
+    print(json.dumps({"model": str(path), "vocab_size": VOCAB_SIZE, "stop_probability": STOP_PROBABILITY}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
