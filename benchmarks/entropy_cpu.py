@@ -29,7 +29,7 @@ def naive(logits, labels):
 
 
 def project(logits, labels):
-    from openrlhf_epo.kernels import entropy_logprob
+    from openrlhf_hooks.kernels import entropy_logprob
 
     return entropy_logprob(logits, labels)
 
@@ -60,7 +60,7 @@ def child(variant: str, n: int, vocab: int, repeats: int) -> dict:
         entropy, logprob = fn(logits, labels)
         (entropy * g_h + logprob * g_l).sum().backward()
 
-    import openrlhf_epo.kernels  # noqa: F401  (import cost outside the measurement)
+    import openrlhf_hooks.kernels  # noqa: F401  (import cost outside the measurement)
 
     step()  # warm-up
     extra = peak_extra_mib(step)

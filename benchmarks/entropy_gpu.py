@@ -30,7 +30,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from openrlhf_epo.kernels import entropy_logprob  # noqa: E402
+from openrlhf_hooks.kernels import entropy_logprob  # noqa: E402
 
 VOCAB = 151936
 

@@ -32,13 +32,16 @@ class RankContext:
     rank: this rank's index in the data-parallel group, 0 <= rank < dp_size.
     all_reduce_sum: returns the SUM of a tensor over the data-parallel group (identity with one rank);
         it may also overwrite its input, so pass a tensor you no longer need.
-    total_steps: K, the run's RL steps, derived from the host's arguments.
+    total_steps: K, the run's RL steps as the launcher counted them from the host's arguments
+        (hooks/steps.py), or None when they cannot be counted (total_steps_note says why). A plugin
+        with its own setting for K (EPO: --epo.total_steps) applies it itself.
     """
 
     rank: int
     dp_size: int
-    total_steps: int
+    total_steps: Optional[int]
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    total_steps_note: str = ""
 
 
 class RankLoss:

@@ -2,7 +2,8 @@
 
 Plugins are modules listed under the entry-point group `openrlhf_hooks`; EPO registers itself there
 exactly like a third-party package. `OPENRLHF_HOOKS_PLUGINS` restricts what loads: unset = all,
-empty = none, else a comma list of entry-point names (each must exist).
+empty = none, else a comma list of entry-point names (each must exist). `OPENRLHF_HOOKS_TRACE=1` prints
+every hook call (pluggy's hook-call monitoring) to stderr.
 
 The driver's selection must also be the workers' (a worker on another node has its own
 environment): `worker_env` gives the settings to hand every Ray worker, which the launcher adds to
@@ -12,6 +13,7 @@ the runtime_env of the host's `ray.init`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Mapping, Optional
@@ -23,6 +25,7 @@ from .api import LossPlugin, PluginError, RolloutProcessor
 
 ENTRY_POINT_GROUP = "openrlhf_hooks"
 ENV_PLUGINS = "OPENRLHF_HOOKS_PLUGINS"
+ENV_TRACE = "OPENRLHF_HOOKS_TRACE"
 
 
 @dataclass
@@ -114,14 +117,37 @@ def load_plugins() -> Registry:
 
         return register
 
-    # Each implementation is called on its own so a registration can be traced to its plugin.
-    for impl in manager.hook.register_loss_plugins.get_hookimpls():
-        source = manager.get_name(impl.plugin)
-        impl.function(register=registrar("loss", registry.loss_plugins, LossPlugin, source))
-    for impl in manager.hook.register_rollout_processors.get_hookimpls():
-        source = manager.get_name(impl.plugin)
-        impl.function(register=registrar("rollout processor", registry.rollout_processors, RolloutProcessor, source))
+    if os.environ.get(ENV_TRACE):
+        manager.add_hookcall_monitoring(*_trace_printers())
+    # Through pluggy's caller, one plugin at a time, so that a registration can be traced to its plugin.
+    plugins = manager.list_name_plugin()
+    for source, _ in plugins:
+        others = [plugin for name, plugin in plugins if name != source]
+        for hook, args in (
+            ("register_loss_plugins", ("loss", registry.loss_plugins, LossPlugin, source)),
+            ("register_rollout_processors", ("rollout processor", registry.rollout_processors, RolloutProcessor, source)),
+        ):
+            caller = manager.subset_hook_caller(hook, remove_plugins=others)
+            if caller.get_hookimpls():
+                caller(register=registrar(*args))
     return registry
+
+
+def _trace_printers():
+    """OPENRLHF_HOOKS_TRACE=1: one stderr line per hook call and per implementation's return, in every
+    process that loads plugins (the driver and, through worker_env, every Ray worker)."""
+
+    def line(text: str) -> None:
+        print(f"openrlhf_hooks trace [pid {os.getpid()}]: {text}", file=sys.stderr, flush=True)
+
+    def before(hook_name, hook_impls, kwargs):
+        line(f"{hook_name}({', '.join(sorted(kwargs))}) -> {', '.join(impl.plugin_name for impl in hook_impls) or 'no plugin'}")
+
+    def after(outcome, hook_name, hook_impls, kwargs):
+        failed = outcome.exception
+        line(f"{hook_name} done" + (f": {type(failed).__name__}: {failed}" if failed else ""))
+
+    return before, after
 
 
 def worker_env(registry: Registry, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -129,8 +155,8 @@ def worker_env(registry: Registry, environ: Optional[Mapping[str, str]] = None) 
 
     OPENRLHF_HOOKS_PLUGINS is set to the entry points this registry loaded (so a worker loads
     exactly them, whatever its node's environment says, and fails naming one it lacks); every other
-    OPENRLHF_HOOKS_* variable, and each loaded loss plugin's own OPENRLHF_<NAME>_* variables (EPO:
-    OPENRLHF_EPO_KERNEL), are passed on as this process has them.
+    OPENRLHF_HOOKS_* variable (OPENRLHF_HOOKS_KERNEL, OPENRLHF_HOOKS_STATE_LOG, ...), and each loaded
+    loss plugin's own OPENRLHF_<NAME>_* variables, are passed on as this process has them.
     """
     environ = os.environ if environ is None else environ
     prefixes = ("OPENRLHF_HOOKS_", *(f"OPENRLHF_{name.upper()}_" for name in registry.loss_plugins))

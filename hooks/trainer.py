@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .api import PluginConfigError, RankContext, RankLoss
+from .kernels import entropy_logprob
 from .plugins import get_registry
 
 ARGS_KEY = "openrlhf_hooks"  # attribute of the host's args holding {"loss_plugin", "config", "rollout_processors"}
@@ -53,8 +54,6 @@ def action_entropy(
     logits: [B, T, V] (or [1, nnz, V] when the host packs samples), already temperature-scaled by
     the host. The fused kernel reads only the action rows, in place: no copy of the logits.
     """
-    from openrlhf_epo.kernels import entropy_logprob
-
     batch, length = sequences.shape
     action_len = action_mask.shape[1]
     on = action_mask.bool()
@@ -251,8 +250,8 @@ class HookedTrainer:
 def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = None) -> Optional[HookedTrainer]:
     """Install the loss plugin named in the host's args into `trainer`; None when no plugin is asked for.
 
-    K (RankContext.total_steps) is the plugin config's total_steps, else the count of RL steps the
-    launcher made before Ray started (settings["rl_steps"], hooks/steps.py).
+    K (RankContext.total_steps) is the count of RL steps the launcher made before Ray started
+    (settings["rl_steps"], hooks/steps.py), or None with the reason; the plugin decides what it needs.
     checkpoint_states: the host's restored client_states, if resuming.
     """
     settings = hooks_settings(strategy.args)
@@ -260,15 +259,6 @@ def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = Non
         return None
     plugin = get_registry().loss_plugin(settings["loss_plugin"])
     config = dict(settings.get("config") or {})
-    total_steps = config.get("total_steps")
-    if total_steps is None:
-        total_steps = settings.get("rl_steps")
-    if total_steps is None:
-        why = settings.get("rl_steps_note") or "the launcher did not count them"
-        raise PluginConfigError(
-            f"loss plugin {settings['loss_plugin']!r} needs the run's total RL steps and they are unknown ({why}); "
-            f"set --{settings['loss_plugin']}.total_steps"
-        )
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     mesh = getattr(strategy, "ds_device_mesh", None)
     dp_size = mesh["dp"].size() if mesh is not None else world
@@ -280,8 +270,9 @@ def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = Non
     context = RankContext(
         rank=dp_rank,
         dp_size=dp_size,
-        total_steps=int(total_steps),
+        total_steps=settings.get("rl_steps"),
         all_reduce_sum=dp_all_reduce_sum(strategy),
+        total_steps_note=settings.get("rl_steps_note") or "the launcher did not count them",
     )
     hooked = HookedTrainer(trainer, plugin.build_rank_loss(strategy.args, config, context), plugin.name)
     saved = (checkpoint_states or {}).get(STATE_KEY)

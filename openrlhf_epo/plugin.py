@@ -4,6 +4,7 @@ exactly as a third-party plugin would be."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -190,7 +191,15 @@ class EPOLossPlugin(LossPlugin):
         return {path: _get(host_args, path) for path in _HOST_FLAGS}
 
     def build_rank_loss(self, host_args: Any, config: Mapping[str, Any], context: RankContext) -> EPORankLoss:
-        return EPORankLoss(EPOConfig.from_dict(config), context)
+        epo = EPOConfig.from_dict(config)
+        # K: --epo.total_steps when given, else the launcher's count
+        total_steps = epo.total_steps if epo.total_steps is not None else context.total_steps
+        if total_steps is None:
+            raise PluginConfigError(
+                f"loss plugin 'epo' needs the run's total RL steps and they are unknown ({context.total_steps_note}); "
+                "set --epo.total_steps"
+            )
+        return EPORankLoss(epo, dataclasses.replace(context, total_steps=int(total_steps)))
 
 
 class TurnStatsProcessor(RolloutProcessor):

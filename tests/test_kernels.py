@@ -1,4 +1,4 @@
-"""entropy_logprob (openrlhf_epo.kernels) against a float64 reference: values and gradients.
+"""entropy_logprob (openrlhf_hooks.kernels) against a float64 reference: values and gradients.
 
 The CPU path runs here; the Triton kernel runs the same checks in the GPU test below (skipped
 without CUDA) and in benchmarks/entropy_gpu.py.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from openrlhf_epo.kernels import _cpu, entropy_logprob
+from openrlhf_hooks.kernels import _cpu, entropy_logprob
 
 
 def reference(logits, labels, temperature=1.0, rows=None):

@@ -137,3 +137,36 @@ def test_worker_env_names_exactly_what_this_process_loaded(site, monkeypatch):
     monkeypatch.setenv(ENV_PLUGINS, "scaled")
     assert worker_env(load_plugins(), environ)[ENV_PLUGINS] == "scaled"
     assert "OPENRLHF_EPO_KERNEL" not in worker_env(load_plugins(), environ)
+
+
+def test_k_comes_from_the_launcher_and_epo_applies_its_own_override():
+    # the hook layer hands every plugin the launcher's count (or None and why); --epo.total_steps wins
+    from openrlhf_epo import EPOConfig
+    from openrlhf_hooks import PluginConfigError, RankContext
+
+    plugin = load_plugins().loss_plugin("epo")
+
+    def k(config_steps, counted, note=""):
+        context = RankContext(rank=0, dp_size=1, total_steps=counted, all_reduce_sum=lambda t: t, total_steps_note=note)
+        config = EPOConfig.from_preset("seed", total_steps=config_steps).to_dict()
+        return plugin.build_rank_loss(None, config, context).context.total_steps
+
+    assert k(None, 12) == 12
+    assert k(7, 12) == 7 and k(7, None) == 7
+    with pytest.raises(PluginConfigError, match=r"needs the run's total RL steps and they are unknown \(no prompts\); set --epo.total_steps"):
+        k(None, None, "no prompts")
+
+
+def test_trace_switch_prints_every_hook_call_through_pluggys_monitoring(monkeypatch, capsys):
+    monkeypatch.setenv("OPENRLHF_HOOKS_TRACE", "1")
+    registry = load_plugins()
+    lines = [line.split("]: ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("openrlhf_hooks trace")]
+    assert lines == [
+        "register_loss_plugins(register) -> epo", "register_loss_plugins done",
+        "register_rollout_processors(register) -> epo", "register_rollout_processors done",
+        "register_loss_plugins(register) -> scaled", "register_loss_plugins done",
+    ]  # fmt: skip
+    assert registry.sources == {"loss:epo": "epo", "rollout processor:turn_stats": "epo", "loss:scaled": "scaled"}
+    monkeypatch.delenv("OPENRLHF_HOOKS_TRACE")
+    load_plugins()
+    assert "openrlhf_hooks trace" not in capsys.readouterr().err

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from openrlhf_epo.core import step_statistic, step_statistic_parts
 from openrlhf_epo.io import atomic_torch_save, atomic_write_text
-from openrlhf_epo.kernels import entropy_logprob
+from openrlhf_hooks.kernels import entropy_logprob
 from openrlhf_hooks.api import RankContext
 from openrlhf_hooks.plugins import get_registry
 

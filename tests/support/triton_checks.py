@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from openrlhf_epo.kernels import _triton
+from openrlhf_hooks.kernels import _triton
 
 
 def reference(logits, labels, temperature, rows):

@@ -2,7 +2,10 @@
 
 On CUDA (with Triton installed) a Triton kernel: forward reads the logits once, backward reads them
 once and writes the gradient once, extra memory O(N). Elsewhere a chunked torch path with the same
-signature and results. Set OPENRLHF_EPO_KERNEL=torch to force the torch path on CUDA.
+signature and results. Set OPENRLHF_HOOKS_KERNEL=torch to force the torch path on CUDA.
+
+A service of the hook layer: any loss plugin that asks for entropy (RankLoss.needs_entropy) gets it
+from here, through the adapter in trainer.py.
 
 The gradient w.r.t. logits is returned in the logits' dtype (bf16 logits, bf16 gradient), computed
 in float32 and rounded once on the store. It is a dense tensor of the logits' shape, so with `rows`
@@ -33,7 +36,7 @@ def _triton_module():
 
 
 def _backend(logits: torch.Tensor):
-    if logits.is_cuda and os.environ.get("OPENRLHF_EPO_KERNEL", "auto") != "torch":
+    if logits.is_cuda and os.environ.get("OPENRLHF_HOOKS_KERNEL", "auto") != "torch":
         module = _triton_module()
         if module is not None:
             return module
