@@ -367,7 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plugin = registry.loss_plugin(settings["loss_plugin"]) if settings and settings["loss_plugin"] else None
         real_stdout = sys.stdout
 
+        validated = []  # set once the host's own flag checks have all passed
+
         def on_args_ready(args):
+            validated.append(True)
             if cpu:
                 try:
                     cpu_mode.check_args(args)
@@ -407,7 +410,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             actor_class = None
             if settings is not None and not dry_run:
                 from .ray_actor import PolicyModelActor as actor_class
-            run_host(host_argv, on_args_ready, actor_class, env or None, ray_init_options)
+            try:
+                run_host(host_argv, on_args_ready, actor_class, env or None, ray_init_options)
+            except AssertionError as exc:
+                if validated:  # a failure while running: the host's own traceback
+                    raise
+                # the host checks many flag combinations with bare asserts (cli/train_ppo_ray.py:640-760)
+                raise LauncherError(f"OpenRLHF rejected the flags: {exc}") from None
         return 0
     except ImportError as exc:
         if isinstance(exc, HostDependencyUnavailable):

@@ -123,6 +123,18 @@ def test_host_validation_still_runs(capsys):
     assert "--actor.policy_loss_type" in capsys.readouterr().err
 
 
+def test_host_flag_assertions_are_one_line(capsys):
+    # the host validates flag combinations with bare asserts: one line, exit 2, before Ray
+    flags = list(HOST)
+    index = flags.index("--rollout.n_samples_per_prompt")
+    del flags[index : index + 2]
+    assert main([*flags, "--plugins_dry_run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "python -m openrlhf_hooks.train_ppo_ray: error: OpenRLHF rejected the flags: " \
+                      "group_norm requires n_samples_per_prompt > 1"  # fmt: skip
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_help_shows_plugin_and_host_flags(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])
