@@ -29,7 +29,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-ENV_FLAG = "OPENRLHF_HOOKS_CPU"  # set in the driver; plugins.worker_env passes OPENRLHF_HOOKS_* on
 SETUP_HOOK = "openrlhf_hooks.cpu_mode.activate"
 WORKER_EXTENSION = "openrlhf_hooks.cpu_worker.CPUWorkerWrap"
 
@@ -237,7 +236,6 @@ def activate() -> None:
         return
     for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    os.environ[ENV_FLAG] = "1"
     from .train_ppo_ray import _importable, _PlaceholderFinder
 
     missing = [package for package in IMPORT_ONLY_PACKAGES if not _importable(package)]
@@ -260,7 +258,6 @@ def deactivate() -> None:
     if _placeholder_finder is not None:
         sys.meta_path.remove(_placeholder_finder)
         _placeholder_finder = None
-    os.environ.pop(ENV_FLAG, None)
 
 
 # -- the launcher's side -----------------------------------------------------------------------

@@ -404,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ray_init_options = None
         if cpu and not dry_run:
             cpu_mode.activate()  # in this process; Ray workers run it as their setup hook
-            env.update({name: os.environ[name] for name in (*cpu_mode.ENV_DEFAULTS, cpu_mode.ENV_FLAG)})
+            env.update({name: os.environ[name] for name in cpu_mode.ENV_DEFAULTS})
             ray_init_options = cpu_mode.ray_init_kwargs
         with redirect, placeholders:
             actor_class = None

@@ -40,10 +40,11 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def coin_prompts(path: Path, count: int, max_turns: int = 3) -> Path:
-    params = "numLocations=2,includeDoors=0,numDistractorItems=0"
-    rows = [{"prompt": "", "label": {"game": "coin", "seed": seed, "params": params, "max_turns": max_turns}} for seed in range(count)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+def coin_prompts(path: Path, count: int) -> Path:
+    """The first `count` rows of the README's smoke-run prompts (TextWorld-Express coin, 2 rooms, 3 turns)."""
+    rows = (AGENTS / "coin_smoke.jsonl").read_text().splitlines(keepends=True)
+    assert len(rows) >= count
+    path.write_text("".join(rows[:count]))
     return path
 
 
