@@ -262,10 +262,15 @@ def demo_command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--out", str(out), *RESUME_ARGS, *extra]
 
 
+def run_demo(command: list[str], env: dict) -> None:
+    done = subprocess.run(command, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stderr[-4000:]}"
+
+
 def test_killed_two_rank_run_resumes_to_the_same_history(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     whole = tmp_path / "whole"
-    subprocess.run(demo_command(whole), check=True, env=env, cwd=REPO, timeout=600, capture_output=True)
+    run_demo(demo_command(whole), env)
 
     (run,) = [p.name for p in whole.iterdir() if p.is_dir()]
     killed = tmp_path / "killed"
@@ -283,7 +288,7 @@ def test_killed_two_rank_run_resumes_to_the_same_history(tmp_path):
     checkpoint = torch.load(killed / run / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 2 and len(read_rows(metrics)) == 3
 
-    subprocess.run(demo_command(killed, "--resume"), check=True, env=env, cwd=REPO, timeout=600, capture_output=True)
+    run_demo(demo_command(killed, "--resume"), env)
 
     expected = torch.load(whole / run / "checkpoint.pt", weights_only=False)
     resumed = torch.load(killed / run / "checkpoint.pt", weights_only=False)

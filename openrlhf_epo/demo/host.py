@@ -407,20 +407,12 @@ class Trainer:
                 self.save()
 
 
-def _rank_main(rank: int, spec: RunSpec, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.nproc)
+def _rank_main(rank: int, spec: RunSpec, rendezvous: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=spec.nproc)
     try:
         Trainer(spec).run()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(spec: RunSpec) -> Path:
@@ -428,7 +420,12 @@ def run(spec: RunSpec) -> Path:
     if spec.nproc == 1:
         Trainer(spec).run()
     else:
+        import tempfile
+
         import torch.multiprocessing as mp
 
-        mp.spawn(_rank_main, args=(spec, _free_port()), nprocs=spec.nproc, join=True)
+        # a file store, not a TCP port picked here and released: another process could take that
+        # port before rank 0 binds it (seen once in CI on a resume after a kill)
+        with tempfile.TemporaryDirectory(prefix="epo-demo-") as folder:
+            mp.spawn(_rank_main, args=(spec, f"{folder}/rendezvous"), nprocs=spec.nproc, join=True)
     return Path(spec.run_dir) / "metrics.jsonl"
