@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import threading
 import time
@@ -22,8 +23,10 @@ from typing import Optional, Sequence
 
 # The default comparison (no --presets, no --epo.* flag): the seed preset as shipped.
 DEMO_EPO_FLAGS: dict = {}
-SIZES = {"steps": 100, "groups": 8, "group_size": 8, "lr": 1e-3, "minibatches": 1}
+# Sized so that the baseline learns within the default budget on 2 cores (README "CPU demo").
+SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
+DEMO_ENV = {"rooms": 4, "max_turns": 20}  # KeyDoor's own defaults are 5 rooms and 15 turns
 TOKENS_PER_TURN = 16  # context budget per KeyDoor turn: a reply (~2 tokens) and the next observation (10)
 
 
@@ -71,7 +74,7 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
         description="Runs OpenRLHF's own PPO loop in CPU mode (python -m openrlhf_hooks.train_ppo_ray --cpu) on "
         "KeyDoor, a multi-turn environment with a sparse final reward, with a tiny model built locally: a "
         "baseline (group-normalised advantages, no entropy term) and the same command with --loss_plugin epo, "
-        "for each preset and seed. Environment knobs: --env.rooms N, --env.max_turns N.",
+        "for each preset and seed. Environment knobs: --env.rooms N (default 4), --env.max_turns N (default 20).",
     )
     demo.set_defaults(command_parser=demo)
     demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
@@ -96,9 +99,11 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
         help=f"episodes per layout (--rollout.n_samples_per_prompt; default {SIZES['group_size']})",
     )
     demo.add_argument("--lr", type=_positive_float("--lr"), help=f"Adam learning rate (default {SIZES['lr']})")
-    demo.add_argument("--ppo_epochs", type=_positive_int("--ppo_epochs"), default=1, help="passes over each batch")
     demo.add_argument(
-        "--minibatches", type=_positive_int("--minibatches"), help="optimizer steps per pass (default 1)"
+        "--ppo_epochs", type=_positive_int("--ppo_epochs"), help=f"passes over each batch (default {SIZES['ppo_epochs']})"
+    )
+    demo.add_argument(
+        "--minibatches", type=_positive_int("--minibatches"), help=f"optimizer steps per pass (default {SIZES['minibatches']})"
     )
     demo.add_argument("--save_every", type=int, default=25, help="host checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
@@ -150,7 +155,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     from openrlhf_hooks.api import PluginConfigError
     from openrlhf_hooks.train_ppo_ray import plugin_flags
 
-    env_config = _check_env(env, parser)
+    env_config = _check_env({**DEMO_ENV, **env}, parser)
     flags = plugin_flags(args, "epo")
     if flags.get("preset"):
         parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
@@ -215,12 +220,11 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     groups=groups,
                     group_size=group_size,
                     lr=lr,
-                    ppo_epochs=args.ppo_epochs,
+                    ppo_epochs=args.ppo_epochs or sizes["ppo_epochs"],
                     minibatches=minibatches,
                     nproc=args.nproc,
                     max_len=32 + TOKENS_PER_TURN * env_config.max_turns,
                     save_every=args.save_every,
-                    resume=args.resume,
                 )
             )
     return specs
@@ -241,8 +245,13 @@ def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Seque
         flush=True,
     )
     started = time.perf_counter()
+
+    def terminate(signum, frame):  # `kill` stops the hosts as Ctrl-C does, keeping their checkpoints
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        failed = run_all(specs, jobs, progress=not args.no_progress, after_each=lambda: plot_out(out))
+        failed = run_all(specs, jobs, progress=not args.no_progress, after_each=lambda: plot_out(out), resume=args.resume)
     except KeyboardInterrupt:
         print(f"[demo] interrupted; continue with: openrlhf-epo demo --out {out} --resume (and the same flags)", file=sys.stderr)
         return 130
@@ -267,7 +276,7 @@ def _finished(spec) -> bool:
     return row is not None and row["step"] + 1 >= spec.steps
 
 
-def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]:
+def run_all(specs: list, jobs: int, progress: bool, after_each, resume: bool = False) -> Optional[str]:
     """Runs every spec, `jobs` at a time (each one a launcher process tree, watched from a thread);
     this process draws one progress bar per run from its metrics.jsonl and calls `after_each()` as
     runs finish. Returns None, or a one-line description of the first failure. Ctrl-C stops the runs
@@ -276,8 +285,10 @@ def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]
 
     from tqdm import tqdm
 
-    from openrlhf_epo.demo.openrlhf_run import run
+    from openrlhf_epo.demo.openrlhf_run import prepare, run
 
+    for spec in specs:
+        prepare(spec)
     bars = {}
     if progress:
         for position, spec in enumerate(specs):
@@ -303,7 +314,7 @@ def run_all(specs: list, jobs: int, progress: bool, after_each) -> Optional[str]
 
     stop = threading.Event()
     failure = None
-    todo = [spec for spec in specs if not (spec.resume and _finished(spec))]
+    todo = [spec for spec in specs if not (resume and _finished(spec))]
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         pending = {pool.submit(run, spec, stop=stop): spec for spec in todo}

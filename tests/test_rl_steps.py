@@ -39,10 +39,10 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from openrlhf_epo.demo.policy import train_word_tokenizer
+    from openrlhf_epo.demo.keydoor_model import build_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = train_word_tokenizer(["act", "look", "prompt"], path)
+    tokenizer = build_tokenizer(path)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # for --data.apply_chat_template
     tokenizer.save_pretrained(str(path))
     return path

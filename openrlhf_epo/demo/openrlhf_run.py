@@ -23,7 +23,7 @@ from typing import Optional
 from openrlhf_epo.io import atomic_write_text
 
 METRIC_FIELDS = (
-    "step", "success_rate", "mean_return", "entropy", "reference", "lower", "upper",
+    "step", "success_rate", "mean_return", "entropy", "epo_entropy", "reference", "lower", "upper",
     "penalty", "beta", "in_corridor", "policy_loss", "turns", "invalid_actions", "skipped_steps", "seconds",
 )  # fmt: skip
 
@@ -33,8 +33,10 @@ TAGS = {
     "mean_return": ("train/reward",),
     "turns": ("train/env_turns",),
     "invalid_actions": ("train/env_invalid_actions",),
-    # EPO's own step statistic; the baseline's is the host's (--actor.entropy_coef 0 logs it, weight 0)
-    "entropy": ("train/epo/entropy", "train/entropy_loss"),
+    # the host's token-mean entropy (--actor.entropy_coef 0 logs it at weight 0), for every variant
+    "entropy": ("train/entropy_loss",),
+    # EPO's own statistic L_H (--epo.aggregation), the one its corridor bounds
+    "epo_entropy": ("train/epo/entropy",),
     "reference": ("train/epo/reference",),
     "lower": ("train/epo/lower",),
     "upper": ("train/epo/upper",),
@@ -63,12 +65,12 @@ class RunSpec:
     groups: int = 8
     group_size: int = 8
     lr: float = 1e-3
-    ppo_epochs: int = 1
-    minibatches: int = 1
+    ppo_epochs: int = 2
+    minibatches: int = 2
     nproc: int = 1
     max_len: int = 320
     save_every: int = 25
-    resume: bool = False
+    host_flags: list = field(default_factory=list)  # more of the launcher's flags, appended last (last wins)
 
 
 def prompt_rows(spec: RunSpec) -> list[dict]:
@@ -100,29 +102,63 @@ def host_command(spec: RunSpec) -> list[str]:
         "--actor.adam.lr", repr(spec.lr), "--actor.lr_scheduler", "constant",
         "--logger.logging_steps", "1", "--logger.tensorboard_dir", str(run_dir / "tensorboard"),
         "--ckpt.path", str(run_dir / "ckpt"), "--ckpt.save_steps", str(spec.save_every or -1),
-        "--ckpt.max_num", "1", "--ckpt.load_enable",
+        "--ckpt.max_num", "1", "--ckpt.load_enable", "--ckpt.output_dir", str(run_dir / "final"),
+        "--actor.entropy_coef", "0",  # the same entropy measure for every variant; weight 0 adds no term
+        # every episode weighs the same: with the token mean, the long failed episodes outweigh the short
+        # wins and push probability off the action words until most replies are no action at all
+        "--actor.loss_agg_mode", "seq-mean-token-mean",
     ]  # fmt: skip
-    if spec.epo_flags is None:
-        command += ["--actor.entropy_coef", "0"]
-    else:
+    if spec.epo_flags is not None:
         command += ["--loss_plugin", "epo"]
         for name, value in spec.epo_flags.items():
             command += [f"--epo.{name}", str(value)]
-    return command
+    return command + [str(flag) for flag in spec.host_flags]
+
+
+class ScalarLog:
+    """The scalars of the host's TensorBoard files under a folder, read incrementally: each `update()`
+    reads only the events written since the last one. A later file (a resumed run) wins a step."""
+
+    def __init__(self, tensorboard_dir: Path):
+        self.folder = Path(tensorboard_dir)
+        self.loaders: dict[Path, object] = {}
+        self.per_file: dict[Path, dict[str, dict[int, float]]] = {}
+
+    def update(self) -> dict[str, dict[int, float]]:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+        from tensorboard.util import tensor_util
+
+        for path in self.folder.rglob("events.out.tfevents.*"):
+            if path not in self.loaders:
+                self.loaders[path] = EventFileLoader(str(path))
+                self.per_file[path] = {}
+            scalars = self.per_file[path]
+            for event in self.loaders[path].Load():
+                for value in event.summary.value:
+                    if value.HasField("simple_value"):
+                        number = value.simple_value
+                    elif value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+                        number = float(tensor_util.make_ndarray(value.tensor))
+                    else:
+                        continue
+                    scalars.setdefault(value.tag, {})[event.step] = number
+        merged: dict[str, dict[int, float]] = {}
+        for path in sorted(self.per_file, key=lambda p: p.stat().st_mtime):
+            for tag, points in self.per_file[path].items():
+                merged.setdefault(tag, {}).update(points)
+        return merged
+
+
+def read_event_file(path: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalars in one TensorBoard event file."""
+    log = ScalarLog(Path(path).parent)
+    log.update()
+    return log.per_file[Path(path)]
 
 
 def read_scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from the host's TensorBoard files; a later file (a resumed run) wins."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    merged: dict[str, dict[int, float]] = {}
-    files = sorted(tensorboard_dir.rglob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime)
-    for file in files:
-        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            merged.setdefault(tag, {}).update((event.step, event.value) for event in events.Scalars(tag))
-    return merged
+    """{tag: {step: value}} from the host's TensorBoard files under a folder."""
+    return ScalarLog(tensorboard_dir).update()
 
 
 def metric_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
@@ -139,30 +175,28 @@ def metric_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
     return rows
 
 
-def write_metrics(spec: RunSpec) -> int:
-    """Rebuilds metrics.jsonl from the TensorBoard files; returns the number of rows."""
-    tensorboard = Path(spec.run_dir) / "tensorboard"
-    rows = metric_rows(read_scalars(tensorboard)) if tensorboard.exists() else []
+def write_metrics(spec: RunSpec, log: Optional[ScalarLog] = None) -> int:
+    """Rebuilds metrics.jsonl from the TensorBoard files (through `log`, incrementally, when given);
+    returns the number of rows."""
+    log = log or ScalarLog(Path(spec.run_dir) / "tensorboard")
+    rows = metric_rows(log.update())
     atomic_write_text(Path(spec.run_dir) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return len(rows)
 
 
 def prepare(spec: RunSpec) -> None:
-    """run.json, prompts.jsonl and the model (shared by the runs of one seed); idempotent."""
+    """run.json, prompts.jsonl and the model (shared by the runs of one seed, built once); idempotent.
+    Call it for every run before any starts."""
     from .keydoor_model import build
 
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").exists():
-        staging = model_dir.with_name(model_dir.name + f".partial-{os.getpid()}")
+        # built aside and renamed: a crash never leaves a half-written model behind
+        staging = model_dir.with_name(model_dir.name + ".partial")
         build(staging, seed=spec.seed)
-        try:
-            staging.rename(model_dir)
-        except OSError:  # another run of this seed built it first
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+        staging.rename(model_dir)
     atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
     atomic_write_text(run_dir / "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in prompt_rows(spec)))
 
@@ -172,11 +206,11 @@ class RunFailed(RuntimeError):
 
 
 def run(spec: RunSpec, poll_seconds: float = 2.0, stop: Optional[threading.Event] = None) -> Path:
-    """Trains one run to its end with the host's launcher; returns its metrics.jsonl. Setting `stop`
-    stops the host (Ctrl-C to its process group) and raises RunFailed; its checkpoints stay."""
-    prepare(spec)
+    """Trains one run (prepared) to its end with the host's launcher; returns its metrics.jsonl.
+    Setting `stop` stops the host (Ctrl-C to its process group) and raises RunFailed; its checkpoints stay."""
     run_dir = Path(spec.run_dir)
     log_path = run_dir / "train.log"
+    stop = stop or threading.Event()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(host_command(spec))}\n")
@@ -185,9 +219,10 @@ def run(spec: RunSpec, poll_seconds: float = 2.0, stop: Optional[threading.Event
         process = subprocess.Popen(
             host_command(spec), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        scalar_log = ScalarLog(run_dir / "tensorboard")
         try:
-            while process.poll() is None and not (stop is not None and stop.wait(poll_seconds)):
-                write_metrics(spec)
+            while process.poll() is None and not stop.wait(poll_seconds):
+                write_metrics(spec, scalar_log)
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
@@ -196,8 +231,8 @@ def run(spec: RunSpec, poll_seconds: float = 2.0, stop: Optional[threading.Event
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-    rows = write_metrics(spec)
-    if stop is not None and stop.is_set():
+    rows = write_metrics(spec, scalar_log)
+    if stop.is_set():
         raise RunFailed("stopped")
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-1:] or [""]

@@ -125,6 +125,9 @@ def plot_out(out: Path) -> list[Path]:
             color = colors[i % len(colors)]
             steps, entropy = _series(run["rows"], "entropy")
             axis.plot(steps, entropy, color=color, lw=1.4, label=f"seed {run['seed']}")
+            epo_steps, epo_entropy = _series(run["rows"], "epo_entropy")
+            if epo_steps:
+                axis.plot(epo_steps, epo_entropy, color=color, lw=1.0, ls="--")
             band_steps, lower = _series(run["rows"], "lower")
             _, upper = _series(run["rows"], "upper")
             if band_steps:
@@ -132,7 +135,10 @@ def plot_out(out: Path) -> list[Path]:
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("RL step")
         axis.grid(alpha=0.3)
-    figure.suptitle("policy entropy per RL step; shaded: EPO's corridor [lower, upper]", fontsize=11)
+    figure.suptitle(
+        "policy entropy per RL step, token mean (solid); EPO's L_H (dashed) and its corridor [lower, upper] (shaded)",
+        fontsize=10,
+    )
     axes[0][0].set_ylabel("policy entropy (nats)")
     axes[0][0].legend(fontsize=8)
     entropy_png = out / "entropy.png"
