@@ -388,12 +388,13 @@ def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
         assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and 1 <= row["turns"] <= 20
     assert all(row[k] is None for row in baseline for k in EPO_FIELDS)  # the host alone: no plugin metrics
     assert all(row["beta"] >= 1 for row in epo) and epo[-1]["lower"] < epo[-1]["reference"] < epo[-1]["upper"]
-    # it was the host's loop: its launcher command, its TensorBoard files and checkpoint
+    # it was the host's loop: its launcher command, its TensorBoard files and its final model
     for run in ("baseline-s0", "epo-seed-s0"):
         log = (out / run / "train.log").read_text()
         assert "-m openrlhf_hooks.train_ppo_ray --cpu" in log and "PPOTrainer" in log
         assert list((out / run / "tensorboard").rglob("events.out.tfevents.*"))
-        assert list((out / run / "ckpt").iterdir())
+        assert (out / run / "final" / "model.safetensors").exists()
+    assert not (REPO / "ckpt").exists()  # nothing written outside --out
     assert "--loss_plugin epo" in (out / "epo-seed-s0" / "train.log").read_text()
     for name in ("entropy.png", "success.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
