@@ -84,6 +84,7 @@ def build_model(
     seed: int = 0,
     prior: dict[int, float] | None = None,
     after: tuple[list[int], dict[int, float]] | None = None,
+    unit_embeddings: bool = False,
 ):
     """A random 2-layer Qwen2 for `tokenizer`, saved to `path`.
 
@@ -91,7 +92,11 @@ def build_model(
     STOP_PROBABILITY); the other tokens share the rest about evenly. after: (trigger ids, prior) for
     the token right after a trigger token instead; a token of `prior` not named there falls to the
     level of the others. Both work through residual dimensions that no layer writes to: one holds a
-    constant, one flags the trigger tokens, and only the favoured output rows read them."""
+    constant, one flags the trigger tokens, and only the favoured output rows read them.
+    unit_embeddings: scale the embeddings to unit RMS (default: the init's 0.02). Adam moves every
+    weight by about the learning rate per step; against the 0.02 scale a few steps rewrite the
+    reserved dimensions and with them the prior (what a model meant to learn stably needs), while the
+    default scale makes one step change the policy visibly (what a weight-sync smoke test needs)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     stop = tokenizer.eos_token_id
@@ -120,10 +125,9 @@ def build_model(
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
         free = HIDDEN - len(reserved)
-        # unit-scale embeddings: Adam moves every weight by about the learning rate per step, and
-        # against the default 0.02 scale a few steps would rewrite the reserved dimensions' prior
-        embed.mul_(1 / embed[:, :free].pow(2).mean().sqrt())
-        others = 1.0
+        if unit_embeddings:
+            embed.mul_(1 / embed[:, :free].pow(2).mean().sqrt())
+        others = embed[:, :free].pow(2).mean().sqrt()
         # the constant carries half the residual's energy, so after the final RMSNorm it reads
         # about sqrt(HIDDEN / 2) whatever the token
         embed[:, reserved] = 0

@@ -62,5 +62,5 @@ def build(path: str | Path, seed: int = 0) -> Path:
     prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: ACTION_PROBABILITY for word in ACTIONS}
     prior[tokenizer.eos_token_id] = STOP_PROBABILITY
     after_action = (sorted(set(prior) - {tokenizer.eos_token_id}), {tokenizer.eos_token_id: STOP_AFTER_ACTION})
-    build_model(path, tokenizer, seed, prior, after_action)
+    build_model(path, tokenizer, seed, prior, after_action, unit_embeddings=True)
     return path
