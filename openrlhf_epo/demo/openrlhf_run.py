@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,25 +26,25 @@ METRIC_FIELDS = (
     "penalty", "beta", "in_corridor", "policy_loss", "turns", "invalid_actions", "skipped_steps", "seconds",
 )  # fmt: skip
 
-# metrics.jsonl field <- the host's TensorBoard tag (the first one logged wins)
+# metrics.jsonl field <- the host's TensorBoard tag
 TAGS = {
-    "success_rate": ("train/env_success",),
-    "mean_return": ("train/reward",),
-    "turns": ("train/env_turns",),
-    "invalid_actions": ("train/env_invalid_actions",),
+    "success_rate": "train/env_success",
+    "mean_return": "train/reward",
+    "turns": "train/env_turns",
+    "invalid_actions": "train/env_invalid_actions",
     # the host's token-mean entropy (--actor.entropy_coef 0 logs it at weight 0), for every variant
-    "entropy": ("train/entropy_loss",),
+    "entropy": "train/entropy_loss",
     # EPO's own statistic L_H (--epo.aggregation), the one its corridor bounds
-    "epo_entropy": ("train/epo/entropy",),
-    "reference": ("train/epo/reference",),
-    "lower": ("train/epo/lower",),
-    "upper": ("train/epo/upper",),
-    "penalty": ("train/epo/penalty",),
-    "beta": ("train/epo/beta",),
-    "in_corridor": ("train/epo/in_corridor",),
-    "skipped_steps": ("train/epo/skipped_steps",),
-    "policy_loss": ("train/policy_loss",),
-    "seconds": ("train/timing/step_total",),
+    "epo_entropy": "train/epo/entropy",
+    "reference": "train/epo/reference",
+    "lower": "train/epo/lower",
+    "upper": "train/epo/upper",
+    "penalty": "train/epo/penalty",
+    "beta": "train/epo/beta",
+    "in_corridor": "train/epo/in_corridor",
+    "skipped_steps": "train/epo/skipped_steps",
+    "policy_loss": "train/policy_loss",
+    "seconds": "train/timing/step_total",
 }
 
 AGENT_FILE = Path(__file__).with_name("keydoor_agent.py")
@@ -70,7 +69,6 @@ class RunSpec:
     nproc: int = 1
     max_len: int = 320
     save_every: int = 25
-    host_flags: list = field(default_factory=list)  # more of the launcher's flags, appended last (last wins)
 
 
 def prompt_rows(spec: RunSpec) -> list[dict]:
@@ -112,7 +110,7 @@ def host_command(spec: RunSpec) -> list[str]:
         command += ["--loss_plugin", "epo"]
         for name, value in spec.epo_flags.items():
             command += [f"--epo.{name}", str(value)]
-    return command + [str(flag) for flag in spec.host_flags]
+    return command
 
 
 class ScalarLog:
@@ -168,8 +166,8 @@ def metric_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
     for step in steps:
         row: dict = {key: None for key in METRIC_FIELDS}
         row["step"] = step - 1
-        for key, tags in TAGS.items():
-            value = next((scalars[tag][step] for tag in tags if step in scalars.get(tag, {})), None)
+        for key, tag in TAGS.items():
+            value = scalars.get(tag, {}).get(step)
             row[key] = value if value is not None and math.isfinite(value) else None
         rows.append(row)
     return rows
