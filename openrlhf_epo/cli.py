@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-# The default comparison (no --presets, no --epo.* flag): the seed preset as shipped.
-DEMO_EPO_FLAGS: dict = {}
 # Sized so that the baseline learns within the default budget on 2 cores (README "CPU demo").
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
@@ -159,8 +157,6 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     flags = plugin_flags(args, "epo")
     if flags.get("preset"):
         parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
-    if args.presets is None and not any(value is not None for value in flags.values()):
-        flags.update(DEMO_EPO_FLAGS)
     given = {field: value for field, value in flags.items() if value is not None}
     overridden = [(field, value) for field, value in given.items() if field != "config"]
     names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else [None]
