@@ -2,10 +2,18 @@
 
 A plugin package lists a module under the `openrlhf_hooks` entry-point group; that module
 implements `register_loss_plugins(register)` and/or `register_rollout_processors(register)` with
-the `hookimpl` marker. See README.md, "Writing a third-party plugin".
+the `hookimpl` marker. The guide is docs/plugins.md.
 """
 
-from .api import LossPlugin, PluginConfigError, PluginError, RankContext, RankLoss, RolloutProcessor
+from .api import (
+    LossPlugin,
+    PluginConfigError,
+    PluginError,
+    RankContext,
+    RankLoss,
+    RankStateMismatchError,
+    RolloutProcessor,
+)
 from .hookspecs import hookimpl
 from .plugins import ENTRY_POINT_GROUP, get_registry, load_plugins
 
@@ -16,6 +24,7 @@ __all__ = [
     "PluginError",
     "RankContext",
     "RankLoss",
+    "RankStateMismatchError",
     "RolloutProcessor",
     "get_registry",
     "hookimpl",

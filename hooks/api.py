@@ -25,6 +25,10 @@ class PluginConfigError(ValueError):
     """A bad plugin flag value; the message names the flag, the value and what is allowed."""
 
 
+class RankStateMismatchError(RuntimeError):
+    """The data-parallel ranks hold different loss-plugin state (their state_dict() checksums differ)."""
+
+
 @dataclass
 class RankContext:
     """What the host gives a RankLoss on one training rank.
@@ -61,6 +65,10 @@ class RankLoss:
 
     #: ask the host for per-token entropy H [B, A] (with gradient) of the policy on every micro-batch
     needs_entropy: bool = False
+
+    #: the hook layer compares a checksum of state_dict() across the data-parallel ranks at the start
+    #: of every this many RL steps, and always on the first step after a resume (0: only then)
+    check_every: int = 50
 
     def begin_step(self) -> None:
         """An RL step's training starts on this rank."""

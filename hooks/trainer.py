@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .agreement import RankAgreement
 from .api import PluginConfigError, RankContext, RankLoss
 from .kernels import entropy_logprob
 from .plugins import get_registry
@@ -83,10 +84,11 @@ class HookedTrainer:
       optimizer step, which micro-batches that step holds (begin_optimizer_step).
     """
 
-    def __init__(self, trainer: Any, rank_loss: RankLoss, plugin_name: str):
+    def __init__(self, trainer: Any, rank_loss: RankLoss, plugin_name: str, context: RankContext):
         self.trainer = trainer
         self.rank_loss = rank_loss
         self.plugin_name = plugin_name
+        self.agreement = RankAgreement(rank_loss, context, plugin_name)
         self._entropy: Optional[torch.Tensor] = None
         self._term: Optional[torch.Tensor] = None
         self._collated: list = []  # micro-batches collated since the current optimizer step began
@@ -230,13 +232,14 @@ class HookedTrainer:
 
     def begin_step(self) -> None:
         self._collated, self._window, self._window_info, self._term = [], [], None, None
+        self.agreement.check()  # before the plugin trains on its state this step
         self.rank_loss.begin_step()
 
     def end_step(self) -> dict[str, float]:
         return {f"{self.plugin_name}/{k}": v for k, v in self.rank_loss.end_step().items()}
 
     def state(self) -> dict:
-        return {"plugin": self.plugin_name, "state": self.rank_loss.state_dict()}
+        return {"plugin": self.plugin_name, "state": self.rank_loss.state_dict(), "steps": self.agreement.step}
 
     def restore(self, saved: dict) -> None:
         if saved.get("plugin") != self.plugin_name:
@@ -245,6 +248,7 @@ class HookedTrainer:
                 f"--loss_plugin {self.plugin_name}; resume with --loss_plugin {saved.get('plugin')}"
             )
         self.rank_loss.load_state_dict(saved["state"])
+        self.agreement.restored(int(saved.get("steps", 0)))
 
 
 def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = None) -> Optional[HookedTrainer]:
@@ -274,7 +278,7 @@ def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = Non
         all_reduce_sum=dp_all_reduce_sum(strategy),
         total_steps_note=settings.get("rl_steps_note") or "the launcher did not count them",
     )
-    hooked = HookedTrainer(trainer, plugin.build_rank_loss(strategy.args, config, context), plugin.name)
+    hooked = HookedTrainer(trainer, plugin.build_rank_loss(strategy.args, config, context), plugin.name, context)
     saved = (checkpoint_states or {}).get(STATE_KEY)
     if saved:
         hooked.restore(saved)

@@ -1,9 +1,8 @@
 """EPO on one training rank: the loss term per micro-batch, the step statistic, the history.
 
 Host-neutral glue between the pure core and a host adapter. Collectives come in through
-RankContext.all_reduce_sum: a small one opens each RL step (the rank-agreement check below), one
-closes it (the step statistic), plus, for the squared penalty, one tiny one before each optimizer
-step: P and its slope are taken at that optimizer step's global L_H, which the host adapter measures
+RankContext.all_reduce_sum: one closes each RL step (the step statistic), plus, for the squared
+penalty, one tiny one before each optimizer step: P and its slope are taken at that optimizer step's global L_H, which the host adapter measures
 with a no-grad pass over the step's micro-batches at the parameters the step starts from
 (begin_optimizer_step). So every micro-batch, whatever the split into micro-batches and ranks, is
 linearized at the same point, and the shares add up to the one-process value and gradient.
@@ -15,18 +14,14 @@ Run safety (docs/bad-inputs.md):
 - a step whose statistic is not a finite number (no action token, or every micro-batch dropped)
   is skipped: nothing is pushed, `skipped_steps` counts it, a warning is logged; after
   `max_bad_steps` such steps in a row, EPOHealthError stops the run;
-- at the start of a step the ranks compare a checksum of their EPO state (the history the step's
-  reference comes from) every `check_every` steps and always on the first step after a resume; a
-  mismatch raises EPOHealthError naming the ranks, before anything trains on that reference.
+- the ranks compare a checksum of this state (the history the step's reference comes from) every
+  `check_every` steps and after a resume: the hook layer's check (openrlhf_hooks.agreement).
 Every decision is taken from an all-reduced vector, so all ranks take it together and none is
-left waiting in a collective; for the same reason begin_step's small all-reduce runs every step,
-due or not (ranks that disagree may also disagree about whether a check is due).
+left waiting in a collective.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from typing import Any, Mapping, Optional
@@ -58,22 +53,7 @@ _SUM_NAMES = ("penalty_num", "inside", "tokens", "dropped", "term", "term_weight
 
 
 class EPOHealthError(RuntimeError):
-    """The run cannot go on safely: too many steps without a finite entropy statistic, or the
-    data-parallel ranks disagree about the EPO history."""
-
-
-def state_checksum(state: Mapping[str, Any]) -> int:
-    """A 52-bit hash of a plain state (exact in float64, so it survives an all-reduce); never 0.
-
-    JSON writes floats with repr, which round-trips exactly, so equal states give equal checksums.
-    """
-    text = json.dumps(state, sort_keys=True)
-    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    return (digest >> 12) | 1
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    """The run cannot go on safely: too many steps without a finite entropy statistic."""
 
 
 class EPORankLoss(RankLoss):
@@ -95,6 +75,7 @@ class EPORankLoss(RankLoss):
             )
         self.config = config
         self.context = context
+        self.check_every = config.check_every  # the hook layer's rank-agreement check
         if config.reference == "per_turn":
             self.history = PerTurnEntropyHistory(config.window_size, config.warmup)
         else:
@@ -102,7 +83,6 @@ class EPORankLoss(RankLoss):
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
-        self._resumed = False
         self._begin_state()
 
     def _begin_state(self) -> None:
@@ -114,35 +94,7 @@ class EPORankLoss(RankLoss):
         self.beta = phase_weight(self.step, self.context.total_steps, self.config.gamma, self.config.mid_fraction)
 
     def begin_step(self) -> None:
-        self._check_ranks_agree()
         self._begin_state()
-
-    def _check_ranks_agree(self) -> None:
-        """All-reduce [ranks asking for a check, one checksum slot per rank]; compare if any asked."""
-        every = self.config.check_every
-        due = self._resumed or (every > 0 and self.step % every == 0)
-        vector = torch.zeros(1 + self.context.dp_size, dtype=torch.float64)
-        if due:
-            vector[0] = 1.0
-            vector[1 + self.context.rank] = float(state_checksum(self.state_dict()))
-        vector = self.context.all_reduce_sum(vector).cpu()
-        resumed, self._resumed = self._resumed, False
-        if vector[0] == 0:
-            return
-        groups: dict[int, list[int]] = {}
-        for rank, value in enumerate(vector[1:].tolist()):
-            groups.setdefault(int(value), []).append(rank)
-        if len(groups) == 1:
-            return
-        held = "; ".join(
-            f"{_ranks(ranks)}: " + ("no check (at another step, or not resumed)" if value == 0 else f"{value:013x}")
-            for value, ranks in sorted(groups.items(), key=lambda item: item[1])
-        )
-        when = " (after a resume)" if resumed else ""
-        raise EPOHealthError(
-            f"EPO: the data-parallel ranks disagree about the entropy history at step {self.step}{when}: "
-            f"checksums {held}; every rank must hold the same history (resume all ranks from one checkpoint)"
-        )
 
     def _reference_for(self, action_mask: torch.Tensor):
         if self.reference is None:
@@ -340,6 +292,4 @@ class EPORankLoss(RankLoss):
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_bad_steps = int(state.get("consecutive_bad_steps", 0))
-        # the ranks compare what they loaded before the first step after the resume trains
-        self._resumed = True
         self._begin_state()

@@ -27,7 +27,8 @@ from openrlhf_epo import EPOConfig
 from openrlhf_epo.core import EntropyHistory, step_statistic, step_statistic_parts, token_entropy
 from openrlhf_epo.io import append_jsonl, atomic_torch_save
 from openrlhf_epo.rank import EPOHealthError, EPORankLoss
-from openrlhf_hooks import PluginConfigError, RankContext, plugins
+from openrlhf_hooks import PluginConfigError, RankContext, RankStateMismatchError, plugins
+from openrlhf_hooks.agreement import RankAgreement
 from openrlhf_hooks import train_ppo_ray as launcher
 from openrlhf_hooks.trainer import HookedTrainer
 
@@ -667,7 +668,8 @@ def _(env):
         args=SimpleNamespace(train=SimpleNamespace(dynamic_batch_enable=False)),
         training_step=None,
     )
-    hooked = HookedTrainer(trainer, make_loss(), "epo")
+    loss = make_loss()
+    hooked = HookedTrainer(trainer, loss, "epo", loss.context)
     with pytest.raises(PluginConfigError) as err:
         hooked.restore({"plugin": "scaled", "state": {}})
     assert "holds state of loss plugin 'scaled', but this run uses --loss_plugin epo" in str(err.value)
@@ -684,17 +686,18 @@ def _(env):
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
-        run_step(loss, [(h, MASK)])  # step 0: checked, equal
-        if rank == 1:
-            loss.history.push(0.123)  # rank 1's history now differs
-        run_step(loss, [(h, MASK)])  # step 1: no check due
-        run_step(loss, [(h, MASK)])  # step 2: checked
+        agreement = RankAgreement(loss, loss.context, "epo")  # the hook layer runs it before each step
+        for step in range(3):  # checked at steps 0 and 2
+            if step == 1 and rank == 1:
+                loss.history.push(0.123)  # rank 1's history now differs
+            agreement.check()
+            run_step(loss, [(h, MASK)])
 
     results = ThreadRanks(2).run(body)
     for result in results:
-        assert isinstance(result, EPOHealthError), result
+        assert isinstance(result, RankStateMismatchError), result
         message = str(result)
-        assert "ranks disagree about the entropy history at step 2:" in message
+        assert "loss plugin 'epo': the data-parallel ranks disagree about its state at step 2:" in message
         assert "rank 0: " in message and "rank 1: " in message and "resume all ranks from one checkpoint" in message
 
 
@@ -708,11 +711,14 @@ def _(env):
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
+        agreement = RankAgreement(loss, loss.context, "epo")
         loss.load_state_dict(state if rank == 0 else tampered)
+        agreement.restored(2)
+        agreement.check()
         run_step(loss, [(h, MASK)])
 
     for result in ThreadRanks(2).run(body):
-        assert isinstance(result, EPOHealthError), result
+        assert isinstance(result, RankStateMismatchError), result
         assert "at step 2 (after a resume)" in str(result) and "rank 1: " in str(result)
 
 
@@ -724,12 +730,15 @@ def _(env):
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
+        agreement = RankAgreement(loss, loss.context, "epo")
         if rank == 0:
             loss.load_state_dict(state)
+            agreement.restored(2)
+        agreement.check()
         run_step(loss, [(h, MASK)])
 
     for result in ThreadRanks(2).run(body):
-        assert isinstance(result, EPOHealthError), result
+        assert isinstance(result, RankStateMismatchError), result
         assert "rank 1: no check (at another step, or not resumed)" in str(result)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -362,6 +363,55 @@ def test_plot_needs_no_plugin_registry(tmp_path):
     )  # fmt: skip
     assert refused.returncode != 0 and "unknown loss plugin 'epo'" in refused.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_t_quantile_matches_published_values():
+    from openrlhf_epo.demo.plots import t_quantile
+
+    # two-sided 95% Student t quantiles from a printed table
+    for df, expected in ((1, 12.706), (4, 2.776), (12, 2.179), (20, 2.086), (60, 2.000)):
+        assert t_quantile(df) == pytest.approx(expected, abs=2e-3)
+
+
+def test_interval_is_the_t_interval_over_seeds():
+    from openrlhf_epo.demo.plots import interval
+
+    stat = interval([0.1, 0.2, 0.3, 0.4, 0.5, None])
+    assert stat["n"] == 5 and stat["mean"] == pytest.approx(0.3)
+    assert stat["std"] == pytest.approx(0.158114, abs=1e-6)
+    assert stat["ci95"] == pytest.approx(2.776 * 0.158114 / 5**0.5, abs=1e-4)
+    assert interval([0.4]) == {"mean": 0.4, "std": None, "ci95": None, "n": 1}
+    assert interval([])["mean"] is None
+
+
+def test_run_diagnostics_find_collapse_oscillation_and_corridor():
+    from openrlhf_epo.demo.plots import run_diagnostics
+
+    # entropy starts at 2, halves by step 5; alternating +-0.2 afterwards
+    entropy = [2.0, 2.0, 2.0, 1.6, 1.2, 0.9, 1.1, 0.9, 1.1, 0.9]
+    rows = [{"step": s, "success_rate": 0.1 * (s >= 8), "entropy": h, "in_corridor": float(s % 2)} for s, h in enumerate(entropy)]
+    found = run_diagnostics(rows)
+    assert found["collapse_step"] == 5
+    assert found["oscillation"] == pytest.approx(sum(abs(b - a) for a, b in zip(entropy, entropy[1:])) / 9)
+    assert found["in_corridor"] == pytest.approx(0.5)
+    assert found["final_success"] == pytest.approx(0.1)  # the last 2 of 10 steps
+    assert found["final_entropy"] == pytest.approx(1.0)
+    steady = run_diagnostics([{**row, "entropy": 2.0, "in_corridor": None} for row in rows])
+    assert steady["collapse_step"] is None and steady["oscillation"] == 0 and steady["in_corridor"] is None
+
+
+def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
+    from openrlhf_epo.demo.plots import _summarise, summary_table
+
+    falling = [{"step": s, "success_rate": 0.5, "entropy": 2.0 - 0.3 * s} for s in range(6)]
+    flat = [{"step": s, "success_rate": 0.1, "entropy": 2.0} for s in range(6)]
+    summary = _summarise([{"seed": 0, "rows": falling}, {"seed": 1, "rows": flat}, {"seed": 2, "rows": []}])
+    assert summary["seeds"] == [0, 1]
+    assert summary["collapsed_runs"] == 1 and summary["collapse_steps"] == [4, None]
+    assert summary["final_success"]["mean"] == pytest.approx(0.3)
+    assert summary["final_success"]["ci95"] == pytest.approx(12.706 * statistics.stdev([0.5, 0.1]) / 2**0.5)
+    assert "| variant | 2 | 6 | 0.300 ± " in summary_table({"variant": summary})
+    assert "1/2 (steps 4)" in summary_table({"variant": summary})
 
 
 # -- end to end: OpenRLHF's whole loop ----------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Rank agreement over gloo: two processes, each with its own EPORankLoss and the host adapter's
-all-reduce (openrlhf_hooks.trainer.dp_all_reduce_sum), compare a checksum of their EPO history at
-the start of a step: every `check_every` steps and always on the first step after a resume.
+"""Rank agreement over gloo: two processes, each with its own EPORankLoss, the hook layer's check
+(openrlhf_hooks.agreement.RankAgreement, as HookedTrainer runs it) and the host adapter's all-reduce
+(openrlhf_hooks.trainer.dp_all_reduce_sum), compare a checksum of the plugin's state at the start of
+a step: every `--epo.check_every` steps and always on the first step after a resume.
 
 Agreeing ranks train on; a rank whose history was changed, or that resumed from another state,
-stops both ranks with EPOHealthError naming the ranks.
+stops both ranks with RankStateMismatchError naming the ranks.
 """
 
 from types import SimpleNamespace
@@ -13,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from openrlhf_epo import EPOConfig
-from openrlhf_epo import rank as rank_module
 from openrlhf_epo.core import token_entropy
-from openrlhf_epo.rank import EPOHealthError, EPORankLoss
-from openrlhf_hooks import RankContext
+from openrlhf_epo.rank import EPORankLoss
+from openrlhf_hooks import RankContext, RankStateMismatchError
+from openrlhf_hooks import agreement as agreement_module
+from openrlhf_hooks.agreement import RankAgreement
 from openrlhf_hooks.trainer import dp_all_reduce_sum
 
 from gloo import run_ranks  # tests/support
@@ -30,8 +32,9 @@ def _entropy(rank: int, step: int) -> torch.Tensor:
     return token_entropy(torch.randn(*MASK.shape, 5, generator=generator, dtype=torch.float64) * 2)
 
 
-def _steps(loss: EPORankLoss, rank: int, count: int, tamper_after: int = -1) -> None:
+def _steps(loss: EPORankLoss, agreement: RankAgreement, rank: int, count: int, tamper_after: int = -1) -> None:
     for _ in range(count):
+        agreement.check()
         loss.begin_step()
         host = (torch.tensor(0.0, dtype=torch.float64),)
         entropy = _entropy(rank, loss.step)
@@ -45,38 +48,41 @@ def _steps(loss: EPORankLoss, rank: int, count: int, tamper_after: int = -1) -> 
 def _scenario(name: str, rank: int, saved: dict):
     """Run one scenario on this rank; returns (history values, checksums computed, error message)."""
     calls = []
-    original = rank_module.state_checksum
+    original = agreement_module.state_checksum
 
     def counting(state):
         calls.append(1)
         return original(state)
 
-    rank_module.state_checksum = counting
+    agreement_module.state_checksum = counting
     context = RankContext(rank=rank, dp_size=2, total_steps=10, all_reduce_sum=dp_all_reduce_sum(SimpleNamespace()))
     # seed preset: the squared penalty also all-reduces once per micro-batch
     every = 0 if name.startswith("resume") else 1
     loss = EPORankLoss(EPOConfig.from_preset("seed", warmup=1, check_every=every), context)
+    agreement = RankAgreement(loss, context, "epo")
     error = None
     try:
         if name == "agree":
-            _steps(loss, rank, 3)
+            _steps(loss, agreement, rank, 3)
             saved["state"] = loss.state_dict()
         elif name == "tampered":
-            _steps(loss, rank, 3, tamper_after=0)
+            _steps(loss, agreement, rank, 3, tamper_after=0)
         elif name == "resume-agree":
             loss.load_state_dict(saved["state"])
-            _steps(loss, rank, 1)
+            agreement.restored(3)
+            _steps(loss, agreement, rank, 1)
         elif name == "resume-tampered":
             state = saved["state"]
             if rank == 1:
                 values = [v + 1e-9 for v in state["history"]["values"]]
                 state = {**state, "history": {**state["history"], "values": values}}
             loss.load_state_dict(state)
-            _steps(loss, rank, 1)
-    except EPOHealthError as exc:
+            agreement.restored(3)
+            _steps(loss, agreement, rank, 1)
+    except RankStateMismatchError as exc:
         error = str(exc)
     finally:
-        rank_module.state_checksum = original
+        agreement_module.state_checksum = original
     return loss.history.values(), len(calls), error
 
 
@@ -107,7 +113,7 @@ def test_agreeing_ranks_check_every_step_and_train_on(two_ranks):
 def test_a_changed_history_stops_both_ranks_naming_them(two_ranks):
     for rank in (0, 1):
         _, _, error = two_ranks[rank]["tampered"]
-        assert error is not None and "disagree about the entropy history at step 1:" in error
+        assert error is not None and "loss plugin 'epo': the data-parallel ranks disagree about its state at step 1:" in error
         assert "rank 0: " in error and "rank 1: " in error
 
 

@@ -52,49 +52,88 @@ def _moving_average(values: list[float], width: int) -> list[float]:
     return out
 
 
-def _summarise(runs: list[dict]) -> dict:
-    finals, peaks, entropies, corridor = [], [], [], []
-    for run in runs:
-        rows = run["rows"]
-        if not rows:
-            continue
-        tail = rows[-max(1, math.ceil(FINAL_FRACTION * len(rows))) :]
-        finals.append(statistics.fmean(r["success_rate"] for r in tail))
-        peaks.append(max(_moving_average([r["success_rate"] for r in rows], SMOOTHING)))
-        tail_entropy = [r["entropy"] for r in tail if r.get("entropy") is not None]
-        if tail_entropy:
-            entropies.append(statistics.fmean(tail_entropy))
-        inside = [r["in_corridor"] for r in rows if r.get("in_corridor") is not None]
-        if inside:
-            corridor.append(statistics.fmean(inside))
+# Student's t at 97.5% for 1..10 degrees of freedom (two-sided 95% intervals over few seeds)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+COLLAPSE_FRACTION = 0.5  # entropy "collapsed" once it falls below this fraction of its start
+START_STEPS = 3  # the start = mean entropy over the first steps
 
-    def mean_std(values: list[float]) -> dict:
-        if not values:
-            return {"mean": None, "std": None}
-        return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
+def t_quantile(df: int) -> float:
+    """t_{0.975, df}: the table up to 10, then a Cornish-Fisher expansion (within 1e-3)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def interval(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the 95% t-interval half-width over seeds."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    if len(values) == 1:
+        return {"mean": values[0], "std": None, "ci95": None, "n": 1}
+    std = statistics.stdev(values)
+    return {"mean": statistics.fmean(values), "std": std, "ci95": t_quantile(len(values) - 1) * std / math.sqrt(len(values)), "n": len(values)}
+
+
+def run_diagnostics(rows: list[dict]) -> dict:
+    """Per run: final and peak success, final entropy, when entropy first fell below half its start
+    (collapse_step, None if never), its step-to-step oscillation (mean |H_t - H_t-1|), and the
+    fraction of steps inside EPO's corridor (None without a corridor)."""
+    tail = rows[-max(1, math.ceil(FINAL_FRACTION * len(rows))) :]
+    steps, entropy = _series(rows, "entropy")
+    start = statistics.fmean(entropy[:START_STEPS]) if entropy else None
+    collapse = next((step for step, h in zip(steps, entropy) if h < COLLAPSE_FRACTION * start), None) if entropy else None
+    changes = [abs(b - a) for a, b in zip(entropy, entropy[1:])]
+    _, tail_entropy = _series(tail, "entropy")
+    _, inside = _series(rows, "in_corridor")
     return {
-        "seeds": [run["seed"] for run in runs],
+        "final_success": statistics.fmean(r["success_rate"] for r in tail),
+        "peak_success": max(_moving_average([r["success_rate"] for r in rows], SMOOTHING)),
+        "final_entropy": statistics.fmean(tail_entropy) if tail_entropy else None,
+        "collapse_step": collapse,
+        "oscillation": statistics.fmean(changes) if changes else None,
+        "in_corridor": statistics.fmean(inside) if inside else None,
+    }
+
+
+def _summarise(runs: list[dict]) -> dict:
+    diagnostics = [run_diagnostics(run["rows"]) for run in runs if run["rows"]]
+    collapses = [d["collapse_step"] for d in diagnostics]
+    return {
+        "seeds": [run["seed"] for run in runs if run["rows"]],
         "steps": max((len(run["rows"]) for run in runs), default=0),
-        "final_success": mean_std(finals),
-        "peak_success": mean_std(peaks),
-        "final_entropy": mean_std(entropies),
-        "in_corridor": mean_std(corridor),
+        **{key: interval([d[key] for d in diagnostics]) for key in ("final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
+        "collapsed_runs": sum(step is not None for step in collapses),
+        "collapse_steps": collapses,
     }
 
 
 def summary_table(summary: dict) -> str:
     def cell(stat: dict) -> str:
-        return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+        if stat["mean"] is None:
+            return "-"
+        return f"{stat['mean']:.3f}" if stat["ci95"] is None else f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
+
+    def collapses(item: dict) -> str:
+        steps = sorted(step for step in item["collapse_steps"] if step is not None)
+        return f"{item['collapsed_runs']}/{len(item['collapse_steps'])}" + (f" (steps {', '.join(map(str, steps))})" if steps else "")
 
     lines = [
-        "| variant | seeds | steps | final success | peak success (MA10) | final entropy | steps in corridor |",
-        "|---|---|---|---|---|---|---|",
+        "Mean over seeds ± the 95% t-interval half-width. Final: the last 20% of steps. Collapse: entropy below "
+        "half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step.",
+        "",
+        "| variant | seeds | steps | final success | success std over seeds | peak success (MA10) | final entropy | "
+        "entropy collapsed | oscillation | steps in corridor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, item in summary.items():
+        std = item["final_success"]["std"]
         lines.append(
             f"| {name} | {len(item['seeds'])} | {item['steps']} | {cell(item['final_success'])} | "
-            f"{cell(item['peak_success'])} | {cell(item['final_entropy'])} | {cell(item['in_corridor'])} |"
+            f"{'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
+            f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item['in_corridor'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,29 +9,9 @@ import pytest
 import torch
 
 from gloo import free_port
+from openrlhf_hooks.testing import relative_difference, tiny_qwen2  # noqa: F401  (re-exported for the tests)
 
 WORKER = Path(__file__).parent / "ds_worker.py"
-
-
-def tiny_qwen2(path, initializer_range=0.02):
-    """A 2-layer Qwen2 with a 128-token vocabulary, saved to `path`. A larger initializer_range
-    gives sharper next-token distributions, so trajectories differ in entropy."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        initializer_range=initializer_range,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def run_ranks(world, flags, model_dir, out_dir, steps, env=None, tag=None):
@@ -56,10 +36,3 @@ def run_ranks(world, flags, model_dir, out_dir, steps, env=None, tag=None):
             tail = (out_dir / f"{tag}_r{rank}.log").read_text()[-4000:]
             pytest.fail(f"{tag}: rank {rank} of {world} exited with {process.returncode}:\n{tail}")
     return [torch.load(o, weights_only=False) for o in outputs]
-
-
-def relative_difference(a, b):
-    """Frobenius norm of a - b over all parameters, relative to that of a."""
-    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
-    den = sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
-    return num / den

@@ -24,52 +24,14 @@ from host_args import host_args, tiny_host_flags  # noqa: E402  (installs the st
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import openrlhf.trainer.ray.ppo_actor as ppo_actor_module  # noqa: E402
-from openrlhf.models import Actor  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
-from openrlhf.utils import get_strategy  # noqa: E402
 
 from openrlhf_epo.core import step_statistic_parts  # noqa: E402
 from openrlhf_hooks import cpu_mode  # noqa: E402
+from openrlhf_hooks.testing import build_rank, record_gradients, sample_batch, train_float32  # noqa: E402
 from openrlhf_hooks.trainer import ARGS_KEY, install  # noqa: E402
 
 cpu_mode.activate()
-
-LENGTH = 24
-# turn layouts (runs of action tokens separated by observation tokens), cycled over the batch rows
-TURNS = [[(3, 7), (10, 14), (18, 22)], [(3, 9), (12, 18)], [(3, 22)], [(5, 6), (8, 12), (15, 20)]]
-
-
-def global_batch(step: int, rows: int, vocab: int):
-    """The same multi-turn trajectories at every step, on every rank and in every run (ranks take
-    their rows), so that the step statistic stays near its history; advantages vary by step."""
-    g = torch.Generator().manual_seed(1000)
-    sequences = torch.randint(3, vocab, (rows, LENGTH), generator=g)
-    attention_mask = torch.ones(rows, LENGTH, dtype=torch.long)
-    attention_mask[1, -3:] = 0  # right padding
-    action_mask = torch.zeros(rows, LENGTH - 1, dtype=torch.bool)
-    for row in range(rows):
-        for start, end in TURNS[row % len(TURNS)]:
-            action_mask[row, start:end] = True
-    action_mask &= attention_mask[:, 1:].bool()
-    old_log_probs = -torch.rand(rows, LENGTH - 1, generator=g) * 3
-    advantages = torch.randn(rows, LENGTH - 1, generator=torch.Generator().manual_seed(2000 + step))
-    if step == 0 or os.environ.get("EPO_TEST_ZERO_ADVANTAGES"):
-        # zero advantages: the policy loss has no gradient and only EPO's term moves the model
-        advantages.zero_()
-    return sequences, attention_mask, action_mask, old_log_probs * action_mask, advantages * action_mask
-
-
-def _float32_training(args):
-    """EPO_TEST_FP32=1: train in float32 instead of the host's bf16, so that runs which split the
-    same batch differently can be compared to 1e-5 instead of bf16's 1e-2 (the host offers only
-    bf16 and fp16: its Actor loads the dtype convert_to_torch_dtype returns, and the DeepSpeed config
-    enables neither when param_dtype is neither)."""
-    import openrlhf.utils.utils as host_utils
-
-    host_convert = host_utils.convert_to_torch_dtype
-    host_utils.convert_to_torch_dtype = lambda dtype: torch.float32 if dtype == "fp32" else host_convert(dtype)
-    args.ds.param_dtype = "fp32"
 
 
 def main(out_path, model_dir, steps, flags):
@@ -78,55 +40,12 @@ def main(out_path, model_dir, steps, flags):
     if getattr(args, ARGS_KEY, None):
         getattr(args, ARGS_KEY)["rl_steps"] = steps  # what the launcher counts before Ray starts
     if os.environ.get("EPO_TEST_FP32"):
-        _float32_training(args)
-    # flash-attn's packing helpers, which the host switches on with dynamic batching, need CUDA;
-    # the padded path computes the same thing
-    args.ds.packing_samples = False
+        # runs that split the same batch differently compare to 1e-5 in float32, not bf16's 1e-2
+        train_float32()
+        args.ds.param_dtype = "fp32"
     deepspeed.init_distributed(dist_backend="gloo")
-    strategy = get_strategy(args)
-    strategy.setup_distributed()
-    actor = Actor(
-        str(model_dir),
-        attn_implementation="eager",
-        param_dtype=args.ds.param_dtype,
-        ds_config=strategy.get_ds_train_config(),
-        temperature=args.rollout.temperature,
-    )
-    actor_cfg = dict(
-        optim=args.actor.optim,
-        muon=vars(args.actor.muon),
-        adam=vars(args.actor.adam),
-        lr_scheduler=args.actor.lr_scheduler,
-        lr_warmup_ratio=args.actor.lr_warmup_ratio,
-        min_lr_ratio=args.actor.min_lr_ratio,
-        max_norm=args.actor.max_norm,
-        scheduler_steps=steps,
-    )
-    actor, optim, scheduler = strategy.prepare((actor, actor_cfg))
-    trainer = ppo_actor_module.ActorPPOTrainer(
-        strategy,
-        actor,
-        None,
-        optim,
-        scheduler,
-        micro_train_batch_size=args.train.micro_batch_size,
-        eps_clip=args.actor.eps_clip,
-    )
-    hooked = install(trainer, strategy)
-
-    grads = []
-    host_step = strategy.optimizer_step
-
-    def optimizer_step(optimizer, model, scheduler, name="model", **kwargs):
-        # full (all-gathered) gradients just before DeepSpeed's update; the host calls this after
-        # every micro-batch and DeepSpeed updates only at the end of the accumulation
-        if model.model.is_gradient_accumulation_boundary():
-            grads.append(
-                {n: deepspeed.utils.safe_get_full_grad(p).float().clone() for n, p in model.model.named_parameters()}
-            )
-        return host_step(optimizer, model, scheduler, name=name, **kwargs)
-
-    strategy.optimizer_step = optimizer_step
+    strategy, actor, trainer, hooked = build_rank(args, scheduler_steps=steps)
+    grads = record_gradients(strategy)
     micro_batch_entropies = []  # each micro-batch's own L_H as the plugin saw it (training forward)
     plugin_policy_loss = hooked.rank_loss.policy_loss
 
@@ -141,7 +60,9 @@ def main(out_path, model_dir, steps, flags):
     records, losses = [], []
     per_rank = rows // world
     for step in range(steps):
-        sequences, attention_mask, action_mask, old_log_probs, advantages = global_batch(step, rows, vocab)
+        # zero advantages at step 0 (or always): the policy loss has no gradient, only EPO's term moves the model
+        zero = step == 0 or bool(os.environ.get("EPO_TEST_ZERO_ADVANTAGES"))
+        sequences, attention_mask, action_mask, old_log_probs, advantages = sample_batch(step, rows, vocab, zero)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         experience = Experience(
             sequences=sequences[mine],
