@@ -22,33 +22,39 @@ class EPOConfigError(ValueError):
         super().__init__(f"epo.{field}={value!r} is invalid: {allowed}")
 
 
+def knob(default: Any, help: str, kind: str, none_word: Optional[str] = None) -> Any:
+    """One EPO knob, defined once: its default, its flag help, how a flag's text parses (kind: float,
+    int or choice), and the word that means None where None is allowed (none_word)."""
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind, "none_word": none_word})
+
+
 @dataclass
 class EPOConfig:
-    """All EPO knobs (epo-spec.md section 6). The defaults are the `seed` preset.
+    """All EPO knobs (epo-spec.md section 6), each with its flag help. The defaults are the `seed`
+    preset. `--epo.<field> VALUE` sets one; `validate()` holds the allowed ranges."""
 
-    window_size: int = mean of the last W step statistics; None = cumulative mean of all of them.
-    warmup: no smoothing penalty until the history holds this many entries.
-    total_steps: K, the run's RL steps; None = derived by the host adapter.
-    max_bad_steps: stop the run after this many consecutive RL steps without a finite entropy
-        statistic (each such step is skipped: nothing is pushed into the history).
-    check_every: compare a checksum of the history across data-parallel ranks every this many RL
-        steps (0: only after a resume, where it always runs).
-    """
-
-    lambda_entropy: float = 0.1
-    alpha: float = 0.1
-    kappa_left: float = 0.5
-    kappa_right: float = 1.5
-    gamma: float = 1.0
-    mid_fraction: float = 0.6
-    window_size: Optional[int] = 20
-    warmup: int = 5
-    aggregation: str = "trajectory"
-    penalty: str = "squared"
-    reference: str = "global"
-    total_steps: Optional[int] = None
-    max_bad_steps: int = 5
-    check_every: int = 50
+    lambda_entropy: float = knob(0.1, "strength of the entropy term (spec: lambda)", "float")
+    alpha: float = knob(0.1, "weight of the smoothing penalty inside the entropy term", "float")
+    kappa_left: float = knob(0.5, "corridor lower bound = kappa_left * reference, in [0, 1]", "float")
+    kappa_right: float = knob(1.5, "corridor upper bound = kappa_right * reference, >= 1", "float")
+    gamma: float = knob(1.0, "phase-weight decay: beta_k = 1 + exp(-gamma * k / k_mid)", "float")
+    mid_fraction: float = knob(0.6, "k_mid = round(mid_fraction * K), in (0, 1]", "float")
+    window_size: Optional[int] = knob(
+        20, "reference = mean of the last N step entropies, or 'cumulative' (all of them)", "int", none_word="cumulative"
+    )
+    warmup: int = knob(5, "no smoothing penalty until the history holds this many steps", "int")
+    aggregation: str = knob("trajectory", "entropy aggregation: " + " | ".join(AGGREGATIONS), "choice")
+    penalty: str = knob("squared", "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)", "choice")
+    reference: str = knob("global", "reference entropy: " + " | ".join(REFERENCES), "choice")
+    total_steps: Optional[int] = knob(
+        None, "K, the run's RL steps (default 'auto': derived from the host's arguments)", "int", none_word="auto"
+    )
+    max_bad_steps: int = knob(
+        5, "stop after this many consecutive RL steps without a finite entropy statistic (each is skipped)", "int"
+    )
+    check_every: int = knob(
+        50, "compare the EPO state across data-parallel ranks every N RL steps; 0: only after a resume", "int"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +112,27 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(EPOConfig))
 
 
+def field_help(name: str) -> str:
+    return _FIELDS[name].metadata["help"]
+
+
+def parse_field(name: str, text: str) -> Any:
+    """A flag's text to the field's type (validate() checks the range); EPOConfigError when it does not parse."""
+    meta = _FIELDS[name].metadata
+    none_word = meta["none_word"]
+    if none_word and text.lower() in (none_word, "none"):
+        return None
+    try:
+        if meta["kind"] == "float":
+            return float(text)
+        if meta["kind"] == "int":
+            return int(text)
+    except ValueError:
+        expected = "a number" if meta["kind"] == "float" else "an integer"
+        raise EPOConfigError(name, text, f"expected {expected}" + (f" or {none_word!r}" if none_word else "")) from None
+    return text
+
+
 def _check_real(name: str, value: Any, allowed: str, ok) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise EPOConfigError(name, value, allowed)
@@ -120,6 +147,8 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise EPOConfigError(name, value, f"allowed values are {', '.join(choices)}")
 
+
+_FIELDS = {f.name: f for f in dataclasses.fields(EPOConfig)}
 
 _PAPER = dict(
     lambda_entropy=0.001,

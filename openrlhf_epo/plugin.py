@@ -16,49 +16,10 @@ from openrlhf_hooks.api import LossPlugin, PluginConfigError, RankContext, Rollo
 from openrlhf_hooks.hookspecs import hookimpl
 
 from . import __version__
-from .config import AGGREGATIONS, PENALTIES, PRESETS, REFERENCES, EPOConfig, EPOConfigError, field_names
+from .config import PRESETS, EPOConfig, EPOConfigError, field_help, field_names, parse_field
 from .core import turn_ids
 from .core.objective import IndicatorPenaltyWarning
 from .rank import EPORankLoss
-
-_FLOAT_FIELDS = ("lambda_entropy", "alpha", "kappa_left", "kappa_right", "gamma", "mid_fraction")
-_INT_FIELDS = ("warmup", "max_bad_steps", "check_every")
-_HELP = {
-    "lambda_entropy": "strength of the entropy term (spec: lambda)",
-    "alpha": "weight of the smoothing penalty inside the entropy term",
-    "kappa_left": "corridor lower bound = kappa_left * reference, in [0, 1]",
-    "kappa_right": "corridor upper bound = kappa_right * reference, >= 1",
-    "gamma": "phase-weight decay: beta_k = 1 + exp(-gamma * k / k_mid)",
-    "mid_fraction": "k_mid = round(mid_fraction * K), in (0, 1]",
-    "window_size": "reference = mean of the last N step entropies, or 'cumulative'",
-    "warmup": "no smoothing penalty until the history holds this many steps",
-    "aggregation": "entropy aggregation: " + " | ".join(AGGREGATIONS),
-    "penalty": "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)",
-    "reference": "reference entropy: " + " | ".join(REFERENCES),
-    "total_steps": "K, the run's RL steps (default: derived from the host's arguments)",
-    "max_bad_steps": "stop after this many consecutive steps without a finite entropy statistic (default 5)",
-    "check_every": "compare the history across ranks every N steps; 0: only after a resume (default 50)",
-}
-
-
-def _parse_value(field: str, text: str) -> Any:
-    """A flag's text to the field's type; a parse failure names the flag."""
-    try:
-        if field in _FLOAT_FIELDS:
-            return float(text)
-        if field == "window_size":
-            return None if text.lower() in ("cumulative", "none") else int(text)
-        if field == "total_steps":
-            return None if text.lower() in ("auto", "none") else int(text)
-        if field in _INT_FIELDS:
-            return int(text)
-    except ValueError:
-        expected = {"window_size": "an integer or 'cumulative'", "total_steps": "an integer or 'auto'"}.get(
-            field, "an integer" if field in _INT_FIELDS else "a number"
-        )
-        raise PluginConfigError(f"--epo.{field}={text!r} is invalid: expected {expected}") from None
-    return text
-
 
 def load_config_file(path: str) -> dict:
     """The mapping in an --epo.config YAML file (may hold `preset:` and any EPOConfig field)."""
@@ -112,7 +73,10 @@ def resolve_epo_config(flags: Mapping[str, Any]) -> EPOConfig:
     for field in field_names():
         text = flags.get(field)
         if text is not None:
-            overrides[field] = _parse_value(field, text)
+            try:
+                overrides[field] = parse_field(field, text)
+            except EPOConfigError as exc:
+                raise PluginConfigError(f"--{exc}") from None
             from_flags.add(field)
     try:
         return EPOConfig.from_preset(preset, **overrides)
@@ -161,7 +125,7 @@ class EPOLossPlugin(LossPlugin):
         group.add_argument("--epo.preset", metavar="NAME", help=f"preset: {', '.join(PRESETS)} (default: seed)")
         group.add_argument("--epo.config", metavar="FILE.yaml", help="YAML file with `preset:` and EPO fields")
         for field in field_names():
-            group.add_argument(f"--epo.{field}", metavar="VALUE", help=_HELP[field])
+            group.add_argument(f"--epo.{field}", metavar="VALUE", help=field_help(field))
 
     def resolve_config(self, flags: Mapping[str, Any]) -> dict:
         config = resolve_epo_config(flags)

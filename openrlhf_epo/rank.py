@@ -76,10 +76,8 @@ class EPORankLoss(RankLoss):
         self.config = config
         self.context = context
         self.check_every = config.check_every  # the hook layer's rank-agreement check
-        if config.reference == "per_turn":
-            self.history = PerTurnEntropyHistory(config.window_size, config.warmup)
-        else:
-            self.history = EntropyHistory(config.window_size, config.warmup)
+        history = PerTurnEntropyHistory if config.reference == "per_turn" else EntropyHistory
+        self.history = history(config.window_size, config.warmup)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_bad_steps = 0
@@ -95,13 +93,6 @@ class EPORankLoss(RankLoss):
 
     def begin_step(self) -> None:
         self._begin_state()
-
-    def _reference_for(self, action_mask: torch.Tensor):
-        if self.reference is None:
-            return None
-        if isinstance(self.history, PerTurnEntropyHistory):
-            return self.history.token_reference(action_mask)
-        return self.reference
 
     def _denominator(self, loss_batch_info: Mapping[str, Any]) -> Optional[torch.Tensor]:
         key = "global_batch_size" if self.config.aggregation == "trajectory" else "batch_num_tokens"
@@ -146,7 +137,7 @@ class EPORankLoss(RankLoss):
             parts = step_statistic_parts(entropy, action_mask, self.config.aggregation)
         else:
             parts = torch.zeros(_CORE_PARTS, dtype=torch.float64, device=entropy.device)
-        reference = self._reference_for(action_mask)
+        reference = None if self.reference is None else self.history.token_reference(action_mask)
         denominator = self._denominator(loss_batch_info)
         squared_share = reference is not None and self.config.penalty == "squared" and denominator is not None
         if squared_share and self._linearize_at is None:
@@ -180,7 +171,6 @@ class EPORankLoss(RankLoss):
         vector = self.context.all_reduce_sum(local).cpu()
         stat = step_statistic(vector[:_CORE_PARTS])
         sums = dict(zip(_SUM_NAMES, vector[_CORE_PARTS:].tolist()))
-        sums["den"] = float(vector[1])
         metrics = self._metrics(stat, sums)
         dropped = int(sums["dropped"])
         if dropped:
@@ -193,10 +183,7 @@ class EPORankLoss(RankLoss):
         if stat.value is None or not math.isfinite(stat.value):
             self._skip(stat.value, dropped)
         else:
-            if isinstance(self.history, PerTurnEntropyHistory):
-                self.history.push(stat.value, stat.turn_sums, stat.turn_counts)
-            else:
-                self.history.push(stat.value)
+            self.history.push_step(stat)
             self.consecutive_bad_steps = 0
         metrics["skipped_steps"] = float(self.skipped_steps)
         metrics["nonfinite_micro_batches"] = float(dropped)
@@ -246,7 +233,7 @@ class EPORankLoss(RankLoss):
                 applied = self._applied_penalties
                 penalty = sum(applied) / len(applied) if applied else nan
             else:
-                penalty = sums["penalty_num"] / sums["den"] if sums["den"] else nan
+                penalty = sums["penalty_num"] / stat.den if stat.den else nan
         counts = stat.turn_counts
         seen = torch.nonzero(counts > 0).flatten()
         turn_means = stat.turn_sums[seen] / counts[seen]

@@ -67,10 +67,7 @@ def _run(config: EPOConfig, rank: int | None, world: int):
                 "grad": grad,
             }
         )
-        if per_turn:
-            history.push(stat.value, stat.turn_sums, stat.turn_counts)
-        else:
-            history.push(stat.value)
+        history.push_step(stat)
     return records
 
 

@@ -57,11 +57,19 @@ class EntropyHistory:
     def push(self, value: float) -> None:
         self._values.append(_finite(value, "step entropy statistic"))
 
+    def push_step(self, stat) -> None:
+        """Append a step's StepStatistic (its value; this history keeps no turns)."""
+        self.push(stat.value)
+
     def reference(self) -> Optional[float]:
         if len(self._values) < max(self.warmup, 1):
             return None
         used = self._values if self.window_size is None else self._values[-self.window_size :]
         return math.fsum(used) / len(used)
+
+    def token_reference(self, action_mask: torch.Tensor) -> Optional[float]:
+        """The reference every action token of `action_mask` is compared with: here one scalar."""
+        return self.reference()
 
     def values(self) -> list[float]:
         return list(self._values)
@@ -121,6 +129,10 @@ class PerTurnEntropyHistory:
             self._counts = [a + b for a, b in zip(self._counts, counts)]
         else:
             self._steps.append((sums, counts))
+
+    def push_step(self, stat) -> None:
+        """Append a step's StepStatistic: its value and its per-turn sums."""
+        self.push(stat.value, stat.turn_sums, stat.turn_counts)
 
     def reference(self) -> Optional[float]:
         return self.global_history.reference()

@@ -192,6 +192,7 @@ class StepStatistic(NamedTuple):
     value: Optional[float]  # None when the step had no action token
     turn_sums: torch.Tensor
     turn_counts: torch.Tensor
+    den: float  # the aggregation's denominator: trajectories (trajectory mode) or action tokens (token mode)
 
 
 def step_statistic_parts(
@@ -212,4 +213,4 @@ def step_statistic(reduced: torch.Tensor) -> StepStatistic:
     max_turns = (reduced.numel() - 2) // 2
     numerator, den = float(reduced[0]), float(reduced[1])
     value = numerator / den if den > 0 else None
-    return StepStatistic(value, reduced[2 : 2 + max_turns], reduced[2 + max_turns :])
+    return StepStatistic(value, reduced[2 : 2 + max_turns], reduced[2 + max_turns :], den)
