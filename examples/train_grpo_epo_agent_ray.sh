@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GRPO-style (group_norm advantages, no critic) + EPO on a multi-turn agent, OpenRLHF 0.11.2.
-# GPU run on one 8-GPU node: pip install "openrlhf-epo[gpu]" on every node, then
+# GPU run on one 8-GPU node: pip install -e "hooks[gpu]" -e . (this repository) on every node, then
 #   AGENT_FUNC_PATH=examples/agents/scienceworld_agent.py PROMPT_DATA=rows.jsonl bash examples/train_grpo_epo_agent_ray.sh
 # (rows as in examples/agents/README.md). Everything except --loss_plugin/--epo.* is OpenRLHF's.
 # EPO's presets: seed | paper-sciworld | paper-alfworld | released-code; any --epo.<field> overrides.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PPO (GAE critic, reference model) + EPO on a multi-turn agent, OpenRLHF 0.11.2.
-# GPU run on one 8-GPU node: pip install "openrlhf-epo[gpu]" on every node, then
+# GPU run on one 8-GPU node: pip install -e "hooks[gpu]" -e . (this repository) on every node, then
 #   AGENT_FUNC_PATH=examples/agents/scienceworld_agent.py PROMPT_DATA=rows.jsonl bash examples/train_ppo_epo_agent_ray.sh
 # (examples/agents/ has ScienceWorld and TextWorld-Express agent files and their row format).
 # Everything except --loss_plugin/--epo.* is OpenRLHF's.

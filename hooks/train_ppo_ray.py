@@ -54,7 +54,7 @@ class LauncherError(Exception):
 
 # -- host dependencies -------------------------------------------------------------------------
 
-GPU_EXTRA = "pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
+GPU_EXTRA = "pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
 
 # What OpenRLHF 0.11.2's train_ppo_ray imports at load but never calls while it parses and
 # validates flags: package -> (where the host imports it, how to install it).

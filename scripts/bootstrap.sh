@@ -25,7 +25,8 @@ command -v java >/dev/null || echo "[bootstrap] warning: no java on PATH; the ag
 "${PIP[@]}" "${KEEP[@]}" -r requirements/agents.txt
 echo "[bootstrap] triton (its CPU interpreter runs the fused-kernel tests)"
 "${PIP[@]}" "${KEEP[@]}" triton==3.9.0
-echo "[bootstrap] openrlhf-epo (editable) with the demo's and the tests' extras"
+echo "[bootstrap] openrlhf-hooks (editable, hooks/: the hook layer plugins depend on), then openrlhf-epo with the demo's and the tests' extras"
+"${PIP[@]}" "${KEEP[@]}" -e hooks
 "${PIP[@]}" "${KEEP[@]}" -e ".[test,demo]"
 echo "[bootstrap] the example third-party loss plugin the tests select (tests/third_party_plugin)"
 "${PIP[@]}" --no-deps -e tests/third_party_plugin

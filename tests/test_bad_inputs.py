@@ -842,7 +842,7 @@ def _(env):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         PREFIX + "OpenRLHF needs the package 'vllm', which is not installed here: pip install 'openrlhf[vllm]==0.11.2'; "
-        "or pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
+        "or pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
     ]
 
 
@@ -871,6 +871,6 @@ def _(env):
     assert errors == [done.stderr.strip().splitlines()[-1]]
     assert errors[0] == (
         PREFIX + "vllm.SamplingParams was used, but OpenRLHF needs the package 'vllm', which is not installed here: "
-        "pip install 'openrlhf[vllm]==0.11.2'; or pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm "
+        "pip install 'openrlhf[vllm]==0.11.2'; or pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm "
         "and flash-attn (only --help and --plugins_dry_run run without it)"
     )

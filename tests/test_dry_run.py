@@ -107,7 +107,7 @@ def test_placeholders_live_only_during_the_dry_run_and_a_real_run_names_the_pack
     assert "pip install 'openrlhf[vllm]==0.11.2'" in message and is_import_error
     assert done.returncode == 2
     assert lines[-1] == (PREFIX + "OpenRLHF needs the package 'vllm', which is not installed here: "
-                         "pip install 'openrlhf[vllm]==0.11.2'; or pip install 'openrlhf-epo[gpu]' installs "
+                         "pip install 'openrlhf[vllm]==0.11.2'; or pip install 'openrlhf-hooks[gpu]' installs "
                          "OpenRLHF 0.11.2 with vllm and flash-attn")  # fmt: skip
 
 
@@ -116,5 +116,5 @@ def test_real_run_without_vllm_is_one_line_and_exit_2(prompts):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         PREFIX + "OpenRLHF needs the package 'vllm', which is not installed here: pip install 'openrlhf[vllm]==0.11.2'; "
-        "or pip install 'openrlhf-epo[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
+        "or pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
     ]
