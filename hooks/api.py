@@ -116,6 +116,9 @@ class LossPlugin:
 
     name: str = ""
     version: str = "0"
+    #: the knob of this plugin's config that sets K itself (EPO: "total_steps", i.e. --epo.total_steps);
+    #: when the user gives it, the launcher does not count K; when K cannot be counted, it names the flag
+    total_steps_knob: str = ""
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Add this plugin's flags, each spelled `--<name>.<knob>`, with help text."""

@@ -326,25 +326,22 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def _total_steps_flag(plugin: Any, config: dict) -> str:
-    if "total_steps" in config:
-        return f"--{plugin.name}.total_steps"
-    return f"the total-steps setting of loss plugin {plugin.name}"
-
-
 def rl_steps_settings(args: Any, plugin: Any, config: dict) -> dict:
     """settings["rl_steps"] (K, or None) and settings["rl_steps_note"] (how K was derived, or why not)."""
-    if config.get("total_steps") is not None:
-        return {"rl_steps": None, "rl_steps_note": f"not counted: {_total_steps_flag(plugin, config)}="
-                                                   f"{config['total_steps']} sets the run's RL steps"}  # fmt: skip
+    knob = plugin.total_steps_knob
+    flag = f"--{plugin.name}.{knob}"
+    if knob and config.get(knob) is not None:
+        return {"rl_steps": None, "rl_steps_note": f"not counted: {flag}={config[knob]} sets the run's RL steps"}
     try:
         derived = derive_rl_steps(args)
     except RLStepsError as exc:
         raise LauncherError(str(exc)) from None
     if derived.steps is None:
-        _warn(f"{derived.note}; set {_total_steps_flag(plugin, config)} to the number of RL steps")
+        _warn(f"{derived.note}; " + (f"set {flag} to the number of RL steps" if knob else
+                                     f"loss plugin {plugin.name} gets RankContext.total_steps=None"))  # fmt: skip
     elif not derived.exact:
-        _warn(f"{derived.note}; set {_total_steps_flag(plugin, config)} to fix it")
+        _warn(f"{derived.note}; " + (f"set {flag} to fix it" if knob else
+                                     f"loss plugin {plugin.name} gets this bound as RankContext.total_steps"))  # fmt: skip
     return {"rl_steps": derived.steps, "rl_steps_note": derived.note}
 
 

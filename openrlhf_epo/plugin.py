@@ -120,6 +120,7 @@ _HOST_FLAGS = (
 class EPOLossPlugin(LossPlugin):
     name = "epo"
     version = __version__
+    total_steps_knob = "total_steps"
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--epo.preset", metavar="NAME", help=f"preset: {', '.join(PRESETS)} (default: seed)")

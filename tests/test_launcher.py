@@ -218,6 +218,16 @@ def test_dynamic_filtering_warns_that_k_is_an_upper_bound(capsys, tmp_path):
     ]
 
 
+def test_a_plugin_without_a_k_knob_is_told_what_it_gets(capsys, tmp_path):
+    """--scaled has no total_steps_knob: K is still counted for it, and a count that fails says what it gets."""
+    with pytest.raises(SystemExit):
+        main([*HOST, "--data.prompt_dataset", "/no/such.jsonl", "--loss_plugin", "scaled", "--plugins_dry_run"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["rl_steps"] is None
+    warning = [line for line in captured.err.splitlines() if "warning:" in line]
+    assert len(warning) == 1 and warning[0].endswith("; loss plugin scaled gets RankContext.total_steps=None")
+
+
 class _Stop(Exception):
     pass
 

@@ -58,7 +58,16 @@ def test_every_public_method_is_documented_with_its_signature(method):
     assert f"`{written(method)}`" in GUIDE, written(method)
 
 
-@pytest.mark.parametrize("name", ["name", "version", "needs_entropy"])
+CLASS_ATTRIBUTES = sorted(
+    {name for cls in CLASSES for name, value in vars(cls).items() if not name.startswith("_") and not callable(value)}
+)
+
+
+def test_class_attributes_are_found():
+    assert {"name", "version", "needs_entropy", "check_every", "total_steps_knob"} <= set(CLASS_ATTRIBUTES)
+
+
+@pytest.mark.parametrize("name", CLASS_ATTRIBUTES)
 def test_class_attributes_are_documented(name):
     assert f"| `{name}` |" in GUIDE
 
