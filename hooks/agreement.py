@@ -19,15 +19,22 @@ from typing import Any, Mapping
 
 import torch
 
-from .api import RankContext, RankLoss, RankStateMismatchError
+from .api import PluginError, RankContext, RankLoss, RankStateMismatchError
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not plain data")
 
 
 def state_checksum(state: Mapping[str, Any]) -> int:
     """A 52-bit hash of a plain state (exact in float64, so it survives an all-reduce); never 0.
 
-    JSON writes floats with repr, which round-trips exactly, so equal states give equal checksums.
+    JSON writes floats with repr, which round-trips exactly, so equal states give equal checksums;
+    tensors count by their values.
     """
-    text = json.dumps(state, sort_keys=True)
+    text = json.dumps(state, sort_keys=True, default=_plain)
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
     return (digest >> 12) | 1
 
@@ -57,8 +64,15 @@ class RankAgreement:
         due = self.resumed or (every > 0 and self.step % every == 0)
         vector = torch.zeros(1 + self.context.dp_size, dtype=torch.float64)
         if due:
+            try:
+                checksum = state_checksum(self.rank_loss.state_dict())
+            except TypeError as exc:
+                raise PluginError(
+                    f"loss plugin {self.plugin_name!r}: state_dict() must return plain data (numbers, strings, lists, "
+                    f"dicts with string keys, tensors) to be checkpointed and compared across ranks: {exc}"
+                ) from None
             vector[0] = 1.0
-            vector[1 + self.context.rank] = float(state_checksum(self.rank_loss.state_dict()))
+            vector[1 + self.context.rank] = float(checksum)
         vector = self.context.all_reduce_sum(vector).cpu()
         step, resumed = self.step, self.resumed
         self.step, self.resumed = step + 1, False

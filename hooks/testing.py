@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -112,12 +113,14 @@ def host_flags(model_dir: str | Path, world: int, micro_batch_size: int) -> list
 
 def host_args(argv: Sequence[str]) -> Any:
     """The host's parsed args for `argv` (launcher flags): OpenRLHF's own parser and validation,
-    and the plugin's, stopped where train() would start Ray; the plugin settings are attached."""
+    and the plugin's (its config and check_host), stopped where train() would start Ray; the plugin
+    settings are attached. Raises LauncherError or PluginConfigError on bad flags."""
     from .plugins import get_registry
     from .train_ppo_ray import resolve, run_host
     from .trainer import ARGS_KEY
 
-    settings, _, rest = resolve(argv, get_registry())
+    registry = get_registry()
+    settings, _, rest = resolve(argv, registry)
     captured: dict = {}
 
     class _ArgsReady(Exception):
@@ -126,6 +129,8 @@ def host_args(argv: Sequence[str]) -> Any:
     def on_args_ready(args):
         if settings is not None:
             setattr(args, ARGS_KEY, settings)
+            if settings.get("loss_plugin"):
+                registry.loss_plugin(settings["loss_plugin"]).check_host(args, settings["config"])
         captured["args"] = args
         raise _ArgsReady
 
@@ -292,19 +297,28 @@ def train_ranks(
         processes.append(subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
         outputs.append(out)
         logs.append(log)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    failed = None
     try:
-        for process in processes:
-            process.wait(timeout=WORKER_TIMEOUT_S)
+        # a rank that fails leaves the others waiting in a collective: stop them at once
+        while failed is None and any(process.poll() is None for process in processes):
+            failed = next((rank for rank, process in enumerate(processes) if process.poll() not in (None, 0)), None)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{tag}: the ranks did not finish within {WORKER_TIMEOUT_S} s; logs in {out_dir}")
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+                process.wait()
         for log in logs:
             log.close()
-    for rank, process in enumerate(processes):
-        if process.returncode != 0:
-            tail = (out_dir / f"{tag}-r{rank}.log").read_text()[-3000:]
-            raise RuntimeError(f"{tag}: rank {rank} of {world} exited with {process.returncode}; its log ends:\n{tail}")
+    failed = next((rank for rank, process in enumerate(processes) if process.returncode != 0), failed)
+    if failed is not None:
+        tail = (out_dir / f"{tag}-r{failed}.log").read_text()[-3000:]
+        raise RuntimeError(
+            f"{tag}: rank {failed} of {world} exited with {processes[failed].returncode}; its log ends:\n{tail}"
+        )
     return [torch.load(path, weights_only=False) for path in outputs]
 
 
@@ -333,21 +347,30 @@ class NormalisationReport:
     tolerance: float
     metrics_agree: bool
     states_agree: bool
+    gas: tuple[int, int]  # (reference, split) as DeepSpeed ran them
     reference_metrics: list[dict] = field(default_factory=list)
     split_metrics: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.gradient_norm > 0 and max(self.differences) <= self.tolerance and self.metrics_agree and self.states_agree
+        return (
+            self.gas == (1, 2)
+            and self.gradient_norm > 0
+            and all(difference <= self.tolerance for difference in self.differences)  # False for NaN
+            and self.metrics_agree
+            and self.states_agree
+        )
 
     def describe(self) -> str:
         lines = [
-            "gradient, 2 ranks x gas 2 against 1 rank x gas 1, relative difference per optimizer step: "
+            f"gradient, 2 ranks x gas {self.gas[1]} against 1 rank x gas {self.gas[0]}, relative difference per optimizer step: "
             + ", ".join(f"{d:.2e}" for d in self.differences)
             + f" (tolerance {self.tolerance:.0e}; reference gradient norm {self.gradient_norm:.3e})",
             f"metrics identical on every rank: {'yes' if self.metrics_agree else 'NO'}",
             f"state_dict identical on every rank: {'yes' if self.states_agree else 'NO'}",
         ]
+        if self.gas != (1, 2):
+            lines.append("the flags changed the split (gas must be 1 and 2): leave --train.* batch sizes to the check")
         if self.gradient_norm == 0:
             lines.append("the reference gradient is zero: with --advantages zero the plugin's term must depend on the policy")
         lines.append(f"reference metrics (last step): {self.reference_metrics[-1] if self.reference_metrics else {}}")
@@ -381,6 +404,7 @@ def check_normalisation(
         gradient_norm=gradient_norm,
         tolerance=tolerance,
         metrics_agree=_same([record["metrics"] for record in split]),
+        gas=(reference[0]["gas"], split[0]["gas"]),
         states_agree=_same([record["states"] for record in split]),
         reference_metrics=reference[0]["metrics"],
         split_metrics=split[0]["metrics"],
@@ -411,12 +435,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give --loss_plugin NAME (and its flags)")
     if args.steps < 1:
         parser.error(f"--steps={args.steps} is invalid: expected an integer >= 1")
-    from .plugins import get_registry
-    from .train_ppo_ray import LauncherError, resolve
+    from .api import PluginConfigError
+    from .train_ppo_ray import LauncherError, host_import_placeholders
 
-    try:  # the plugin's flags, checked here before any rank starts
-        resolve(flags, get_registry())
-    except LauncherError as exc:
+    try:  # the host's and the plugin's checks, here before any rank starts (no vLLM or flash-attn needed)
+        with host_import_placeholders():
+            host_args([*host_flags("tiny-qwen2", SPLIT["world"], SPLIT["micro_batch_size"]), *flags])
+    except (LauncherError, PluginConfigError) as exc:
         parser.error(str(exc))
     print(f"[check] training the fixed batch on 1 rank (gas 1), then on 2 ranks (gas 2): {' '.join(flags)}", file=sys.stderr)
     try:

@@ -248,6 +248,7 @@ class HookedTrainer:
                 f"--loss_plugin {self.plugin_name}; resume with --loss_plugin {saved.get('plugin')}"
             )
         self.rank_loss.load_state_dict(saved["state"])
+        # checkpoints written before the hook layer counted steps restart its count (and check schedule) at 0
         self.agreement.restored(int(saved.get("steps", 0)))
 
 

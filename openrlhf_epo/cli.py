@@ -359,9 +359,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from openrlhf_epo.demo.plots import sweep
 
+        from openrlhf_hooks.api import PluginConfigError
+
         try:
             print(sweep(args.run_dirs, args.png), end="")
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, PluginConfigError) as exc:  # no runs, or a run's EPO flags no longer resolve
             args.command_parser.error(str(exc))
         return 0
     if args.command == "plot":

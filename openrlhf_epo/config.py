@@ -1,4 +1,4 @@
-"""EPO configuration: the knobs of epo-spec.md, its four presets, and their validation."""
+"""EPO configuration: the knobs of docs/spec.md, its four presets, and their validation."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def knob(default: Any, help: str, kind: str, none_word: Optional[str] = None) ->
 
 @dataclass
 class EPOConfig:
-    """All EPO knobs (epo-spec.md section 6), each with its flag help. The defaults are the `seed`
+    """All EPO knobs (docs/spec.md section 6), each with its flag help. The defaults are the `seed`
     preset. `--epo.<field> VALUE` sets one; `validate()` holds the allowed ranges."""
 
     lambda_entropy: float = knob(0.1, "strength of the entropy term (spec: lambda)", "float")
@@ -161,7 +161,7 @@ _PAPER = dict(
     total_steps=None,
 )
 
-# epo-spec.md section 6, one dict per column.
+# docs/spec.md section 6, one dict per column.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         lambda_entropy=0.1,

@@ -28,6 +28,8 @@ echo "[bootstrap] triton (its CPU interpreter runs the fused-kernel tests)"
 echo "[bootstrap] openrlhf-hooks (editable, hooks/: the hook layer plugins depend on), then openrlhf-epo with the demo's and the tests' extras"
 "${PIP[@]}" "${KEEP[@]}" -e hooks
 "${PIP[@]}" "${KEEP[@]}" -e ".[test,demo]"
+# a .venv from before the split: reinstalling openrlhf-epo removed the openrlhf-hooks script it used to own
+[ -x "$VENV/bin/openrlhf-hooks" ] || "${PIP[@]}" --no-deps --force-reinstall -e hooks
 echo "[bootstrap] the example third-party loss plugin the tests select (tests/third_party_plugin)"
 "${PIP[@]}" --no-deps -e tests/third_party_plugin
 echo "[bootstrap] done: $("$PY" -c 'import torch, vllm, openrlhf_epo; print("torch", torch.__version__, "| vllm", vllm.__version__, "| openrlhf-epo", openrlhf_epo.__version__)')"

@@ -101,6 +101,24 @@ def test_bad_flag_is_one_line_before_any_rank_starts(site):
     assert "[check]" not in done.stderr
 
 
+def test_the_check_runs_the_host_and_plugin_checks_first(site):
+    done = run(site, "-m", "openrlhf_hooks.testing", "--loss_plugin", "entropy_bonus", "--actor.entropy_coef", "0.1")
+    assert done.returncode == 2
+    assert "--actor.entropy_coef=0.1 adds the host's entropy bonus as well" in done.stderr.strip().splitlines()[-1]
+
+
+def test_report_fails_on_nan_a_changed_split_or_disagreeing_ranks():
+    from openrlhf_hooks.testing import NormalisationReport
+
+    good = dict(differences=[2e-7, 2e-7], gradient_norm=0.4, tolerance=1e-5, metrics_agree=True, states_agree=True, gas=(1, 2))
+    assert NormalisationReport(**good).ok
+    assert not NormalisationReport(**{**good, "differences": [2e-7, float("nan")]}).ok
+    assert not NormalisationReport(**{**good, "gas": (1, 1)}).ok
+    assert "the flags changed the split" in NormalisationReport(**{**good, "gas": (1, 1)}).describe()
+    assert not NormalisationReport(**{**good, "metrics_agree": False}).ok
+    assert not NormalisationReport(**{**good, "gradient_norm": 0.0}).ok
+
+
 @pytest.mark.e2e
 def test_example_plugin_is_normalised_like_the_host(site, tmp_path):
     done = run(site, "-m", "openrlhf_hooks.testing", "--loss_plugin", "entropy_bonus", "--entropy_bonus.coef", "0.1",
@@ -122,4 +140,4 @@ def test_a_per_micro_batch_mean_is_caught(site):
     assert "FAILED" in done.stdout
     line = next(line for line in done.stdout.splitlines() if line.startswith("gradient,"))
     difference = float(line.split("optimizer step: ")[1].split(" ")[0])
-    assert difference > 1e-2  # micro-batches of 2 samples hold 10 to 28 action tokens
+    assert difference > 1e-2  # micro-batches of 2 samples hold 22 to 31 action tokens

@@ -123,3 +123,19 @@ def test_the_check_after_a_resume_runs_even_with_periodic_checks_off(two_ranks):
         assert error is None and checks == 1 and len(values) == 4
         _, _, error = two_ranks[rank]["resume-tampered"]
         assert error is not None and "at step 3 (after a resume)" in error and "rank 1: " in error
+
+
+def test_tensors_in_a_state_count_by_value_and_other_objects_name_the_plugin():
+    from openrlhf_hooks import PluginError, RankLoss
+    from openrlhf_hooks.agreement import state_checksum
+
+    assert state_checksum({"a": torch.tensor([1.0, 2.0])}) == state_checksum({"a": [1.0, 2.0]})
+    assert state_checksum({"a": [1.0, 2.0]}) != state_checksum({"a": [1.0, 2.5]})
+
+    class Opaque(RankLoss):
+        def state_dict(self):
+            return {"handle": object()}
+
+    one_rank = RankContext(rank=0, dp_size=1, total_steps=None, all_reduce_sum=lambda tensor: tensor)
+    with pytest.raises(PluginError, match=r"loss plugin 'opaque': state_dict\(\) must return plain data"):
+        RankAgreement(Opaque(), one_rank, "opaque").check()
