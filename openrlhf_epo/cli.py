@@ -254,6 +254,9 @@ def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Seque
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # started as a background job of a non-interactive shell, this process inherits SIGINT ignored;
+    # Ctrl-C (or kill -INT) must still stop the runs and keep their checkpoints
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         failed = run_all(specs, jobs, progress=not args.no_progress, after_each=lambda: plot_out(out), resume=args.resume)
     except KeyboardInterrupt:
