@@ -94,6 +94,25 @@ def sample_batch(step: int, rows: int, vocab: int, zero_advantages: bool):
     return sequences, attention_mask, action_mask, old_log_probs * action_mask, advantages * action_mask
 
 
+def rank_experience(step: int, rows: int, vocab: int, zero_advantages: bool, rank: int, world: int) -> Any:
+    """This rank's rows of sample_batch(...), as the host's Experience for its replay buffer."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    sequences, attention_mask, action_mask, old_log_probs, advantages = sample_batch(step, rows, vocab, zero_advantages)
+    per_rank = rows // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    return Experience(
+        sequences=sequences[mine],
+        attention_mask=attention_mask[mine],
+        action_mask=action_mask[mine],
+        action_log_probs=old_log_probs[mine],
+        advantages=advantages[mine],
+        total_length=attention_mask[mine].sum(-1),
+        response_length=action_mask[mine].sum(-1),
+        info={},
+    )
+
+
 def host_flags(model_dir: str | Path, world: int, micro_batch_size: int) -> list[str]:
     """Launcher flags for one rank of a check: the fixed batch's shape and the split."""
     return [
@@ -210,8 +229,6 @@ def _worker(out_path: str, init_file: str, steps: int, zero_advantages: bool, ar
     cpu_mode.activate()
     import deepspeed
     import torch.distributed as dist
-    from openrlhf.trainer.ppo_utils.experience import Experience
-
     from .trainer import ARGS_KEY
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -228,23 +245,9 @@ def _worker(out_path: str, init_file: str, steps: int, zero_advantages: bool, ar
     strategy, actor, trainer, hooked = build_rank(args, scheduler_steps=steps)
     grads = record_gradients(strategy)
     vocab = actor.model.module.config.vocab_size
-    per_rank = ROWS // world
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
     metrics, losses, states = [], [], []
     for step in range(steps):
-        sequences, attention_mask, action_mask, old_log_probs, advantages = sample_batch(step, ROWS, vocab, zero_advantages)
-        trainer.replay_buffer.append(
-            Experience(
-                sequences=sequences[mine],
-                attention_mask=attention_mask[mine],
-                action_mask=action_mask[mine],
-                action_log_probs=old_log_probs[mine],
-                advantages=advantages[mine],
-                total_length=attention_mask[mine].sum(-1),
-                response_length=action_mask[mine].sum(-1),
-                info={},
-            )
-        )
+        trainer.replay_buffer.append(rank_experience(step, ROWS, vocab, zero_advantages, rank, world))
         hooked.begin_step()
         status = trainer.ppo_train(0.0)
         metrics.append(hooked.end_step())

@@ -24,11 +24,9 @@ from host_args import host_args, tiny_host_flags  # noqa: E402  (installs the st
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
-
 from openrlhf_epo.core import step_statistic_parts  # noqa: E402
 from openrlhf_hooks import cpu_mode  # noqa: E402
-from openrlhf_hooks.testing import build_rank, record_gradients, sample_batch, train_float32  # noqa: E402
+from openrlhf_hooks.testing import build_rank, rank_experience, record_gradients, train_float32  # noqa: E402
 from openrlhf_hooks.trainer import ARGS_KEY, install  # noqa: E402
 
 cpu_mode.activate()
@@ -58,23 +56,10 @@ def main(out_path, model_dir, steps, flags):
     vocab = actor.model.module.config.vocab_size
     rows = args.rollout.batch_size * args.rollout.n_samples_per_prompt
     records, losses = [], []
-    per_rank = rows // world
     for step in range(steps):
         # zero advantages at step 0 (or always): the policy loss has no gradient, only EPO's term moves the model
         zero = step == 0 or bool(os.environ.get("EPO_TEST_ZERO_ADVANTAGES"))
-        sequences, attention_mask, action_mask, old_log_probs, advantages = sample_batch(step, rows, vocab, zero)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        experience = Experience(
-            sequences=sequences[mine],
-            attention_mask=attention_mask[mine],
-            action_mask=action_mask[mine],
-            action_log_probs=old_log_probs[mine],
-            advantages=advantages[mine],
-            total_length=attention_mask[mine].sum(-1),
-            response_length=action_mask[mine].sum(-1),
-            info={},
-        )
-        trainer.replay_buffer.append(experience)
+        trainer.replay_buffer.append(rank_experience(step, rows, vocab, zero, rank, world))
         hooked.begin_step()
         status = trainer.ppo_train(0.0)
         metrics = hooked.end_step()
