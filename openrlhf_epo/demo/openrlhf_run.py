@@ -59,6 +59,7 @@ class RunSpec:
     seed: int
     steps: int
     model_dir: str
+    model: str = "tiny"  # "tiny": the word-level model of keydoor_model.py, one per seed; "smollm2": smollm2.py
     epo_flags: Optional[dict] = None  # None: the host alone
     env: dict = field(default_factory=dict)
     groups: int = 8
@@ -72,9 +73,13 @@ class RunSpec:
 
 
 def prompt_rows(spec: RunSpec) -> list[dict]:
-    """One row per layout: `groups` new layouts each step, seeded by the run's seed."""
+    """One row per layout: `groups` new layouts each step, seeded by the run's seed. The prompt is
+    the chat model's instructions (a system turn); the tiny model has none and learns from reward."""
+    from .smollm2 import INSTRUCTIONS
+
     first = spec.seed * 1_000_000
-    return [{"prompt": "", "label": {**spec.env, "seed": first + i}} for i in range(spec.steps * spec.groups)]
+    prompt = INSTRUCTIONS if spec.model == "smollm2" else ""
+    return [{"prompt": prompt, "label": {**spec.env, "seed": first + i}} for i in range(spec.steps * spec.groups)]
 
 
 def host_command(spec: RunSpec) -> list[str]:
@@ -183,18 +188,22 @@ def write_metrics(spec: RunSpec, log: Optional[ScalarLog] = None) -> int:
 
 
 def prepare(spec: RunSpec) -> None:
-    """run.json, prompts.jsonl and the model (shared by the runs of one seed, built once); idempotent.
+    """run.json, prompts.jsonl and the model (made once: the tiny model per seed, SmolLM2 for all); idempotent.
     Call it for every run before any starts."""
     from .keydoor_model import build
+    from .smollm2 import convert
 
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").exists():
-        # built aside and renamed: a crash never leaves a half-written model behind
-        staging = model_dir.with_name(model_dir.name + ".partial")
-        build(staging, seed=spec.seed)
-        staging.rename(model_dir)
+        if spec.model == "smollm2":
+            convert(model_dir)
+        else:
+            # built aside and renamed: a crash never leaves a half-written model behind
+            staging = model_dir.with_name(model_dir.name + ".partial")
+            build(staging, seed=spec.seed)
+            staging.rename(model_dir)
     atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
     atomic_write_text(run_dir / "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in prompt_rows(spec)))
 
