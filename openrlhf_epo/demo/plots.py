@@ -15,6 +15,7 @@ from openrlhf_epo.io import atomic_write_bytes, atomic_write_json, atomic_write_
 
 SMOOTHING = 10  # steps in the success-rate moving average
 FINAL_FRACTION = 0.2  # "final success" = mean success over the last 20% of steps
+START_FRACTION = 0.1  # "start success" = mean success over the first 10% of steps: what learning starts from
 
 
 def load_runs(out: Path) -> dict[str, list[dict]]:
@@ -79,10 +80,11 @@ def interval(values: list[float]) -> dict:
 
 
 def run_diagnostics(rows: list[dict]) -> dict:
-    """Per run: final and peak success, final entropy, when entropy first fell below half its start
+    """Per run: start, final and peak success, final entropy, when entropy first fell below half its start
     (collapse_step, None if never), its step-to-step oscillation (mean |H_t - H_t-1|), and the
     fraction of steps inside EPO's corridor (None without a corridor)."""
     tail = rows[-max(1, math.ceil(FINAL_FRACTION * len(rows))) :]
+    head = rows[: max(1, math.ceil(START_FRACTION * len(rows)))]
     steps, entropy = _series(rows, "entropy")
     start = statistics.fmean(entropy[:START_STEPS]) if entropy else None
     collapse = next((step for step, h in zip(steps, entropy) if h < COLLAPSE_FRACTION * start), None) if entropy else None
@@ -90,6 +92,7 @@ def run_diagnostics(rows: list[dict]) -> dict:
     _, tail_entropy = _series(tail, "entropy")
     _, inside = _series(rows, "in_corridor")
     return {
+        "start_success": statistics.fmean(r["success_rate"] for r in head),
         "final_success": statistics.fmean(r["success_rate"] for r in tail),
         "peak_success": max(_moving_average([r["success_rate"] for r in rows], SMOOTHING)),
         "final_entropy": statistics.fmean(tail_entropy) if tail_entropy else None,
@@ -105,7 +108,7 @@ def _summarise(runs: list[dict]) -> dict:
     return {
         "seeds": [run["seed"] for run in runs if run["rows"]],
         "steps": max((len(run["rows"]) for run in runs), default=0),
-        **{key: interval([d[key] for d in diagnostics]) for key in ("final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
+        **{key: interval([d[key] for d in diagnostics]) for key in ("start_success", "final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
         "collapsed_runs": sum(step is not None for step in collapses),
         "collapse_steps": collapses,
     }
@@ -122,17 +125,17 @@ def summary_table(summary: dict) -> str:
         return f"{item['collapsed_runs']}/{len(item['collapse_steps'])}" + (f" (steps {', '.join(map(str, steps))})" if steps else "")
 
     lines = [
-        "Mean over seeds ± the 95% t-interval half-width. Final: the last 20% of steps. Collapse: entropy below "
-        "half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step.",
+        "Mean over seeds ± the 95% t-interval half-width. Start: the first 10% of steps; final: the last 20%. "
+        "Collapse: entropy below half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step.",
         "",
-        "| variant | seeds | steps | final success | success std over seeds | peak success (MA10) | final entropy | "
-        "entropy collapsed | oscillation | steps in corridor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | steps | start success | final success | success std over seeds | peak success (MA10) | "
+        "final entropy | entropy collapsed | oscillation | steps in corridor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, item in summary.items():
         std = item["final_success"]["std"]
         lines.append(
-            f"| {name} | {len(item['seeds'])} | {item['steps']} | {cell(item['final_success'])} | "
+            f"| {name} | {len(item['seeds'])} | {item['steps']} | {cell(item['start_success'])} | {cell(item['final_success'])} | "
             f"{'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
             f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item['in_corridor'])} |"
         )
