@@ -150,6 +150,8 @@ def build_model(
             # states do not depend on the head rows set below)
             triggers = torch.tensor(after[0])
             plain = torch.tensor(sorted(set(range(len(tokenizer))) - set(after[0])))
+            if not len(plain):
+                raise ValueError("after: the trigger tokens cover the whole vocabulary, so the base prior holds nowhere")
             sample[:, ::2] = triggers[torch.arange(sample[:, ::2].numel()) % len(triggers)].view(4, -1)
             sample[:, 1::2] = plain[torch.arange(sample[:, 1::2].numel()) % len(plain)].view(4, -1)
             flagged = torch.isin(sample, triggers)

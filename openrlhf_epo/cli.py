@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
 DEMO_ENV = {"rooms": 4, "max_turns": 20}  # KeyDoor's own defaults are 5 rooms and 15 turns
-# context budget per KeyDoor turn: a reply and the next observation (the tiny model: ~2 + 10 tokens;
+# context budget per KeyDoor turn: a reply and the next observation (the tiny model: ~2 + 13 tokens;
 # SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
 TOKENS_PER_TURN = {"tiny": 16, "smollm2": 24}
 PROMPT_TOKENS = {"tiny": 32, "smollm2": 128}
@@ -251,7 +251,22 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     save_every=args.save_every,
                 )
             )
+    if args.resume:
+        _check_resumable(specs, parser)
     return specs
+
+
+def _check_resumable(specs: list, parser: argparse.ArgumentParser) -> None:
+    """A resumed run must keep its model: another one would load the run's checkpoint into the wrong
+    network, after overwriting its run.json and prompts."""
+    for spec in specs:
+        saved_path = Path(spec.run_dir) / "run.json"
+        if not saved_path.exists():
+            continue
+        saved = json.loads(saved_path.read_text())
+        before = saved.get("model", "tiny")  # run.json files from before --model hold the tiny model
+        if before != spec.model:
+            parser.error(f"--model={spec.model} differs from the model of {spec.run_dir} ({before}): resume with --model {before}")
 
 
 def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Sequence[str]) -> int:

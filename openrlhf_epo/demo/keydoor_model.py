@@ -68,8 +68,8 @@ def build(path: str | Path, seed: int = 0) -> Path:
     # words together ("takeright"); with the space the reply reads " take right"
     prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: ACTION_PROBABILITY for word in ACTIONS}
     prior[tokenizer.eos_token_id] = STOP_AT_REPLY_START
-    # the base prior holds where a reply starts, after the user turn's last token ("assistant\n");
-    # after any other token (the only other places a reply's tokens are sampled) the reply stops
+    # the base prior holds after the newline token, which ends every user turn ("assistant\n"), so at
+    # a reply's first token; after any other token the stop token has STOP_AFTER_TOKEN
     reply_start = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"][-1]
     after_token = (sorted(set(range(len(tokenizer))) - {reply_start}), {tokenizer.eos_token_id: STOP_AFTER_TOKEN})
     build_model(path, tokenizer, seed, prior, after_token, unit_embeddings=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,7 @@ def prepare(spec: RunSpec) -> None:
         else:
             # built aside and renamed: a crash never leaves a half-written model behind
             staging = model_dir.with_name(model_dir.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
             build(staging, seed=spec.seed)
             staging.rename(model_dir)
     atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")

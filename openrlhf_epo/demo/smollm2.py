@@ -10,6 +10,7 @@ agent file writes.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,13 +41,14 @@ def gguf_file() -> Path:
 
 def convert(path: str | Path) -> Path:
     """Writes SmolLM2 as a model folder at `path` (built aside and renamed, so a crash leaves no
-    half-written folder); returns it. Takes about half a minute."""
+    half-written folder); returns it. Takes under a minute."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = Path(path)
     source = gguf_file()
     staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
