@@ -214,6 +214,17 @@ def test_model_prior_starts_replies_with_an_action_and_stops_after_any_token(key
     assert sum(afters) / 16 == pytest.approx(built.STOP_AFTER_TOKEN, abs=0.05)
 
 
+def test_stop_probe_script_reads_the_built_model(keydoor_model):
+    """scripts/stop_at_reply_start.py, which docs/demo-evidence.md quotes: the fresh model gives the
+    stop token next to nothing as a reply's first token."""
+    done = subprocess.run(
+        [sys.executable, "scripts/stop_at_reply_start.py", str(keydoor_model)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    mean = float(done.stdout.split("mean ")[1].split(",")[0])
+    assert done.stdout.startswith(f"{keydoor_model}: p(stop as first token)") and mean < 1e-3
+
+
 def test_model_is_the_same_for_a_seed(tmp_path, keydoor_model):
     from safetensors.torch import load_file
 
