@@ -198,14 +198,14 @@ def prepare(spec: RunSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").exists():
+        # built aside and renamed: a crash never leaves a half-written model behind
+        staging = model_dir.with_name(model_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
         if spec.model == "smollm2":
-            convert(model_dir)
+            convert(staging)
         else:
-            # built aside and renamed: a crash never leaves a half-written model behind
-            staging = model_dir.with_name(model_dir.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
             build(staging, seed=spec.seed)
-            staging.rename(model_dir)
+        staging.rename(model_dir)
     atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
     atomic_write_text(run_dir / "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in prompt_rows(spec)))
 

@@ -10,7 +10,6 @@ agent file writes.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,15 +39,12 @@ def gguf_file() -> Path:
 
 
 def convert(path: str | Path) -> Path:
-    """Writes SmolLM2 as a model folder at `path` (built aside and renamed, so a crash leaves no
-    half-written folder); returns it. Takes under a minute."""
+    """Writes SmolLM2 as a model folder at `path` (created if needed); returns it. Takes under a minute."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = Path(path)
     source = gguf_file()
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted conversion
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -56,8 +52,7 @@ def convert(path: str | Path) -> Path:
         raise RuntimeError(f"{source.name}: its tokenizer has no <|im_end|> token, so replies could not end")
     tokenizer.eos_token = "<|im_end|>"
     model.config.eos_token_id = stop
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).save_pretrained(staging)
-    staging.rename(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
     return path
