@@ -2,9 +2,18 @@
 # Creates .venv in the repository root (or $VENV) and installs everything the tests and CPU runs
 # need: one environment with OpenRLHF 0.11.2, vLLM 0.29.0 (CPU build), DeepSpeed and Ray.
 # Safe to re-run: pip skips what is already there. About 4 GB; a few minutes from a warm pip cache.
+# A finished set-up leaves a stamp (a hash of this script and of every file naming a requirement): a
+# re-run with the same files only checks the stamp, so `scripts/demo.sh` and `scripts/test.sh` start
+# at once. Delete $VENV/.bootstrap-stamp to force the pip steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
+STAMP="$VENV/.bootstrap-stamp"
+wanted="$(cat scripts/bootstrap.sh requirements/*.txt pyproject.toml hooks/pyproject.toml tests/third_party_plugin/pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; then
+    echo "[bootstrap] $VENV is up to date (same requirements as its last finished set-up)"
+    exit 0
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[bootstrap] creating $VENV"
     "${PYTHON:-python3}" -m venv "$VENV"
@@ -34,4 +43,6 @@ echo "[bootstrap] openrlhf-hooks (editable, hooks/: the hook layer plugins depen
 [ -x "$VENV/bin/openrlhf-hooks" ] || "${PIP[@]}" --no-deps --force-reinstall -e hooks
 echo "[bootstrap] the example third-party loss plugin the tests select (tests/third_party_plugin)"
 "${PIP[@]}" --no-deps -e tests/third_party_plugin
-echo "[bootstrap] done: $("$PY" -c 'import torch, vllm, openrlhf_epo; print("torch", torch.__version__, "| vllm", vllm.__version__, "| openrlhf-epo", openrlhf_epo.__version__)')"
+versions="$("$PY" -c 'import torch, vllm, openrlhf_epo; print("torch", torch.__version__, "| vllm", vllm.__version__, "| openrlhf-epo", openrlhf_epo.__version__)')"
+echo "$wanted" > "$STAMP"
+echo "[bootstrap] done: $versions"
