@@ -478,6 +478,27 @@ def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
     assert "1/2 (steps 4)" in summary_table({"variant": summary})
 
 
+def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
+    """vs_baseline is the mean over shared seeds of (variant - baseline) final success, not the gap of the means."""
+    from openrlhf_epo.demo.plots import summarise, summary_table
+
+    def run(seed: int, success: float) -> dict:
+        return {"seed": seed, "rows": [{"step": s, "success_rate": success, "entropy": 1.0} for s in range(5)]}
+
+    summary = summarise({
+        "baseline": [run(0, 0.2), run(1, 0.6), run(2, 0.9)],
+        "epo": [run(0, 0.3), run(1, 0.4), run(3, 0.0)],  # seed 3 has no baseline; seed 2 no epo run
+    })  # fmt: skip
+    gap = summary["epo"]["vs_baseline"]
+    assert gap["n"] == 2 and gap["mean"] == pytest.approx(((0.3 - 0.2) + (0.4 - 0.6)) / 2)
+    assert gap["ci95"] == pytest.approx(12.706 * statistics.stdev([0.1, -0.2]) / 2**0.5)
+    assert summary["baseline"]["vs_baseline"] is None
+    table = summary_table(summary)
+    assert "| epo | 3 | 5 | 0.233 ± 0.517 | 0.233 ± 0.517 | -0.050 ± 1.906 (n=2) |" in table
+    assert "| baseline | 3 | 5 | 0.567 ± 0.872 | 0.567 ± 0.872 | - |" in table
+    assert summarise({"epo": [run(0, 0.3)]})["epo"]["vs_baseline"] is None  # no baseline in the folder
+
+
 def test_sweep_puts_the_baseline_at_lambda_zero_and_skips_unfinished_runs(tmp_path, capsys):
     """Two demo folders: a baseline, the seed preset (lambda 0.1) and a lambda override; one run stopped early."""
     rows = [{"step": s, "success_rate": 0.2, "entropy": 2.0 - 0.1 * s} for s in range(4)]

@@ -107,11 +107,27 @@ def _summarise(runs: list[dict]) -> dict:
     collapses = [d["collapse_step"] for d in diagnostics]
     return {
         "seeds": [run["seed"] for run in runs if run["rows"]],
+        "final_success_per_seed": [d["final_success"] for d in diagnostics],
         "steps": max((len(run["rows"]) for run in runs), default=0),
         **{key: interval([d[key] for d in diagnostics]) for key in ("start_success", "final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
         "collapsed_runs": sum(step is not None for step in collapses),
         "collapse_steps": collapses,
     }
+
+
+def summarise(variants: dict[str, list[dict]]) -> dict:
+    """Per variant: `_summarise`, plus `vs_baseline`: its final success minus the baseline's, seed by
+    seed over the seeds both have (a seed's variants start from the same model and layouts, so the
+    pairing removes what the seed decides), with its t-interval; None for the baseline or without one."""
+    summary = {name: _summarise(runs) for name, runs in variants.items()}
+    baseline = summary.get("baseline")
+    for name, item in summary.items():
+        item["vs_baseline"] = None
+        if baseline is not None and name != "baseline":
+            base = dict(zip(baseline["seeds"], baseline["final_success_per_seed"]))
+            own = dict(zip(item["seeds"], item["final_success_per_seed"]))
+            item["vs_baseline"] = interval([own[seed] - base[seed] for seed in own if seed in base])
+    return summary
 
 
 def summary_table(summary: dict) -> str:
@@ -126,17 +142,20 @@ def summary_table(summary: dict) -> str:
 
     lines = [
         "Mean over seeds ± the 95% t-interval half-width. Start: the first 10% of steps; final: the last 20%. "
-        "Collapse: entropy below half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step.",
+        "Collapse: entropy below half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step. "
+        "Vs baseline: final success minus the baseline's of the same seed, over the seeds both have (n).",
         "",
-        "| variant | seeds | steps | start success | final success | success std over seeds | peak success (MA10) | "
-        "final entropy | entropy collapsed | oscillation | steps in corridor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | steps | start success | final success | vs baseline (paired) | success std over seeds | "
+        "peak success (MA10) | final entropy | entropy collapsed | oscillation | steps in corridor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, item in summary.items():
         std = item["final_success"]["std"]
+        gap = item.get("vs_baseline")  # absent from summaries written before the column existed
+        gap_cell = "-" if not gap or gap["mean"] is None else f"{cell(gap)} (n={gap['n']})"
         lines.append(
             f"| {name} | {len(item['seeds'])} | {item['steps']} | {cell(item['start_success'])} | {cell(item['final_success'])} | "
-            f"{'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
+            f"{gap_cell} | {'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
             f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item['in_corridor'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -205,7 +224,7 @@ def plot_out(out: Path) -> list[Path]:
     _save(figure, success_png)
     plt.close(figure)
 
-    summary = {name: _summarise(runs) for name, runs in variants.items()}
+    summary = summarise(variants)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_table(summary))
     return [entropy_png, success_png, out / "summary.json", out / "summary.md"]
