@@ -298,7 +298,7 @@ def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: Seque
         print(f"[demo] interrupted; continue with: openrlhf-epo demo --out {out} --resume (and the same flags)", file=sys.stderr)
         return 130
     if failed:
-        print(f"[demo] {failed}; finished runs are plotted; rerun with --resume to continue", file=sys.stderr)
+        print(f"[demo] {failed}; finished runs are plotted; continue with: openrlhf-epo demo --out {out} --resume (and the same flags)", file=sys.stderr)
         return 1
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; plots: {out / 'entropy.png'}, {out / 'success.png'}", file=sys.stderr)
     print(summary_table(json.loads((out / "summary.json").read_text())), end="")

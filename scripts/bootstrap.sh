@@ -9,11 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 STAMP="$VENV/.bootstrap-stamp"
-wanted="$(cat scripts/bootstrap.sh requirements/*.txt pyproject.toml hooks/pyproject.toml tests/third_party_plugin/pyproject.toml | sha256sum | cut -d' ' -f1)"
+# each file's name with its hash (a line moved between files changes it), and where the checkout is
+# (editable installs and script shebangs point there)
+wanted="$( { pwd -P; sha256sum scripts/bootstrap.sh requirements/*.txt pyproject.toml hooks/pyproject.toml tests/third_party_plugin/pyproject.toml; } | sha256sum | cut -d' ' -f1)"
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; then
     echo "[bootstrap] $VENV is up to date (same requirements as its last finished set-up)"
     exit 0
 fi
+rm -f "$STAMP"  # an interrupted run must not leave an older set-up's stamp on a half-changed venv
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[bootstrap] creating $VENV"
     "${PYTHON:-python3}" -m venv "$VENV"

@@ -108,6 +108,7 @@ def _summarise(runs: list[dict]) -> dict:
     return {
         "seeds": [run["seed"] for run in runs if run["rows"]],
         "final_success_per_seed": [d["final_success"] for d in diagnostics],
+        "steps_per_seed": [len(run["rows"]) for run in runs if run["rows"]],
         "steps": max((len(run["rows"]) for run in runs), default=0),
         **{key: interval([d[key] for d in diagnostics]) for key in ("start_success", "final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
         "collapsed_runs": sum(step is not None for step in collapses),
@@ -117,17 +118,23 @@ def _summarise(runs: list[dict]) -> dict:
 
 def summarise(variants: dict[str, list[dict]]) -> dict:
     """Per variant: `_summarise`, plus `vs_baseline`: its final success minus the baseline's, seed by
-    seed over the seeds both have (a seed's variants start from the same model and layouts, so the
-    pairing removes what the seed decides), with its t-interval; None for the baseline or without one."""
+    seed over the seeds both have run for as many steps (a seed's variants start from the same model
+    and layouts, so the pairing removes what the seed decides; a run stopped part-way has other final
+    steps), with its t-interval; None for the baseline or without one."""
     summary = {name: _summarise(runs) for name, runs in variants.items()}
     baseline = summary.get("baseline")
     for name, item in summary.items():
         item["vs_baseline"] = None
         if baseline is not None and name != "baseline":
-            base = dict(zip(baseline["seeds"], baseline["final_success_per_seed"]))
-            own = dict(zip(item["seeds"], item["final_success_per_seed"]))
-            item["vs_baseline"] = interval([own[seed] - base[seed] for seed in own if seed in base])
+            base = {seed: (steps, final) for seed, steps, final in _per_seed(baseline)}
+            item["vs_baseline"] = interval(
+                [final - base[seed][1] for seed, steps, final in _per_seed(item) if base.get(seed, (None,))[0] == steps]
+            )
     return summary
+
+
+def _per_seed(item: dict) -> zip:
+    return zip(item["seeds"], item["steps_per_seed"], item["final_success_per_seed"])
 
 
 def summary_table(summary: dict) -> str:
