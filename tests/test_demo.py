@@ -496,6 +496,8 @@ def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
     table = summary_table(summary)
     assert "| epo | 3 | 5 | 0.233 ± 0.517 | 0.233 ± 0.517 | -0.050 ± 1.906 (n=2) |" in table
     assert "| baseline | 3 | 5 | 0.567 ± 0.872 | 0.567 ± 0.872 | - |" in table
+    assert "| variant | seed 0 | seed 1 | seed 2 | seed 3 |" in table
+    assert "| epo | 0.30 -> 0.30 | 0.40 -> 0.40 | - | 0.00 -> 0.00 |" in table
     assert summarise({"epo": [run(0, 0.3)]})["epo"]["vs_baseline"] is None  # no baseline in the folder
     stopped = {"seed": 1, "rows": run(1, 0.4)["rows"][:3]}  # a run stopped part-way: other final steps
     assert summarise({"baseline": [run(0, 0.2), run(1, 0.6)], "epo": [run(0, 0.3), stopped]})["epo"]["vs_baseline"]["n"] == 1

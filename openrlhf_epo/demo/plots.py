@@ -107,6 +107,7 @@ def _summarise(runs: list[dict]) -> dict:
     collapses = [d["collapse_step"] for d in diagnostics]
     return {
         "seeds": [run["seed"] for run in runs if run["rows"]],
+        "start_success_per_seed": [d["start_success"] for d in diagnostics],
         "final_success_per_seed": [d["final_success"] for d in diagnostics],
         "steps_per_seed": [len(run["rows"]) for run in runs if run["rows"]],
         "steps": max((len(run["rows"]) for run in runs), default=0),
@@ -165,7 +166,21 @@ def summary_table(summary: dict) -> str:
             f"{gap_cell} | {'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
             f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item['in_corridor'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _per_seed_table(summary)) + "\n"
+
+
+def _per_seed_table(summary: dict) -> list[str]:
+    """Start -> final success of every run, a column per seed (empty for summaries written before it)."""
+    if not all("start_success_per_seed" in item for item in summary.values()):
+        return []
+    seeds = sorted({seed for item in summary.values() for seed in item["seeds"]})
+    lines = ["", "Per seed, start -> final success:", "", "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]  # fmt: skip
+    for name, item in summary.items():
+        runs = {seed: f"{start:.2f} -> {final:.2f}" for seed, start, final in
+                zip(item["seeds"], item["start_success_per_seed"], item["final_success_per_seed"])}  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(runs.get(seed, "-") for seed in seeds) + " |")
+    return lines
 
 
 def _save(figure, path: Path) -> None:
