@@ -451,16 +451,19 @@ def test_run_diagnostics_find_collapse_oscillation_and_corridor():
 
     # entropy starts at 2, halves by step 5; alternating +-0.2 afterwards
     entropy = [2.0, 2.0, 2.0, 1.6, 1.2, 0.9, 1.1, 0.9, 1.1, 0.9]
-    rows = [{"step": s, "success_rate": 0.1 * (s >= 8) + 0.3 * (s == 0), "entropy": h, "in_corridor": float(s % 2)} for s, h in enumerate(entropy)]
+    rows = [{"step": s, "success_rate": 0.1 * (s >= 8) + 0.3 * (s == 0), "entropy": h, "in_corridor": float(s % 2),
+             "epo_entropy": h, "lower": 1.0, "upper": 1.8} for s, h in enumerate(entropy)]  # fmt: skip
     found = run_diagnostics(rows)
     assert found["start_success"] == pytest.approx(0.3)  # the first 1 of 10 steps
     assert found["collapse_step"] == 5
     assert found["oscillation"] == pytest.approx(sum(abs(b - a) for a, b in zip(entropy, entropy[1:])) / 9)
-    assert found["in_corridor"] == pytest.approx(0.5)
+    assert found["tokens_in_corridor"] == pytest.approx(0.5)
+    assert found["steps_in_corridor"] == pytest.approx(4 / 10)  # 1.6, 1.2, 1.1, 1.1 lie in [1.0, 1.8]
     assert found["final_success"] == pytest.approx(0.1)  # the last 2 of 10 steps
     assert found["final_entropy"] == pytest.approx(1.0)
-    steady = run_diagnostics([{**row, "entropy": 2.0, "in_corridor": None} for row in rows])
-    assert steady["collapse_step"] is None and steady["oscillation"] == 0 and steady["in_corridor"] is None
+    steady = run_diagnostics([{**row, "entropy": 2.0, "in_corridor": None, "lower": None} for row in rows])
+    assert steady["collapse_step"] is None and steady["oscillation"] == 0
+    assert steady["tokens_in_corridor"] is None and steady["steps_in_corridor"] is None
 
 
 def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):

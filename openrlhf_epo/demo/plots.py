@@ -81,8 +81,10 @@ def interval(values: list[float]) -> dict:
 
 def run_diagnostics(rows: list[dict]) -> dict:
     """Per run: start, final and peak success, final entropy, when entropy first fell below half its start
-    (collapse_step, None if never), its step-to-step oscillation (mean |H_t - H_t-1|), and the
-    fraction of steps inside EPO's corridor (None without a corridor)."""
+    (collapse_step, None if never), its step-to-step oscillation (mean |H_t - H_t-1|), and, with a
+    corridor (else None): the fraction of steps whose L_H lay inside it (what the squared penalty
+    bounds) and the mean fraction of action tokens whose entropy did (what the per-token penalties
+    bound; the plugin logs it as in_corridor)."""
     tail = rows[-max(1, math.ceil(FINAL_FRACTION * len(rows))) :]
     head = rows[: max(1, math.ceil(START_FRACTION * len(rows)))]
     steps, entropy = _series(rows, "entropy")
@@ -90,7 +92,8 @@ def run_diagnostics(rows: list[dict]) -> dict:
     collapse = next((step for step, h in zip(steps, entropy) if h < COLLAPSE_FRACTION * start), None) if entropy else None
     changes = [abs(b - a) for a, b in zip(entropy, entropy[1:])]
     _, tail_entropy = _series(tail, "entropy")
-    _, inside = _series(rows, "in_corridor")
+    _, inside_tokens = _series(rows, "in_corridor")
+    bounded = [r for r in rows if None not in (r.get("epo_entropy"), r.get("lower"), r.get("upper"))]
     return {
         "start_success": statistics.fmean(r["success_rate"] for r in head),
         "final_success": statistics.fmean(r["success_rate"] for r in tail),
@@ -98,7 +101,8 @@ def run_diagnostics(rows: list[dict]) -> dict:
         "final_entropy": statistics.fmean(tail_entropy) if tail_entropy else None,
         "collapse_step": collapse,
         "oscillation": statistics.fmean(changes) if changes else None,
-        "in_corridor": statistics.fmean(inside) if inside else None,
+        "steps_in_corridor": statistics.fmean(r["lower"] <= r["epo_entropy"] <= r["upper"] for r in bounded) if bounded else None,
+        "tokens_in_corridor": statistics.fmean(inside_tokens) if inside_tokens else None,
     }
 
 
@@ -111,7 +115,7 @@ def _summarise(runs: list[dict]) -> dict:
         "final_success_per_seed": [d["final_success"] for d in diagnostics],
         "steps_per_seed": [len(run["rows"]) for run in runs if run["rows"]],
         "steps": max((len(run["rows"]) for run in runs), default=0),
-        **{key: interval([d[key] for d in diagnostics]) for key in ("start_success", "final_success", "peak_success", "final_entropy", "oscillation", "in_corridor")},
+        **{key: interval([d[key] for d in diagnostics]) for key in ("start_success", "final_success", "peak_success", "final_entropy", "oscillation", "steps_in_corridor", "tokens_in_corridor")},
         "collapsed_runs": sum(step is not None for step in collapses),
         "collapse_steps": collapses,
     }
@@ -138,6 +142,9 @@ def _per_seed(item: dict) -> zip:
     return zip(item["seeds"], item["steps_per_seed"], item["final_success_per_seed"])
 
 
+_NONE = {"mean": None}  # a statistic a summary written by an older version lacks
+
+
 def summary_table(summary: dict) -> str:
     def cell(stat: dict) -> str:
         if stat["mean"] is None:
@@ -151,11 +158,12 @@ def summary_table(summary: dict) -> str:
     lines = [
         "Mean over seeds ± the 95% t-interval half-width. Start: the first 10% of steps; final: the last 20%. "
         "Collapse: entropy below half its start (mean of the first 3 steps). Oscillation: mean |entropy change| per step. "
-        "Vs baseline: final success minus the baseline's of the same seed, over the seeds both have (n).",
+        "Vs baseline: final success minus the baseline's of the same seed, over the seeds both have (n). "
+        "Corridor: steps whose L_H lay inside it; tokens whose entropy did (mean over steps).",
         "",
         "| variant | seeds | steps | start success | final success | vs baseline (paired) | success std over seeds | "
-        "peak success (MA10) | final entropy | entropy collapsed | oscillation | steps in corridor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak success (MA10) | final entropy | entropy collapsed | oscillation | steps in corridor | tokens in corridor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, item in summary.items():
         std = item["final_success"]["std"]
@@ -164,7 +172,8 @@ def summary_table(summary: dict) -> str:
         lines.append(
             f"| {name} | {len(item['seeds'])} | {item['steps']} | {cell(item['start_success'])} | {cell(item['final_success'])} | "
             f"{gap_cell} | {'-' if std is None else f'{std:.3f}'} | {cell(item['peak_success'])} | {cell(item['final_entropy'])} | "
-            f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item['in_corridor'])} |"
+            f"{collapses(item)} | {cell(item['oscillation'])} | {cell(item.get('steps_in_corridor', _NONE))} | "
+            f"{cell(item.get('tokens_in_corridor', item.get('in_corridor', _NONE)))} |"
         )
     return "\n".join(lines + _per_seed_table(summary)) + "\n"
 
