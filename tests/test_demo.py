@@ -525,6 +525,15 @@ def test_sweep_puts_the_baseline_at_lambda_zero_and_skips_unfinished_runs(tmp_pa
         main(["sweep", str(tmp_path / "empty")])
 
 
+def test_sweep_sets_variants_of_one_lambda_side_by_side():
+    from openrlhf_epo.demo.plots import _dodged
+
+    rows = [(0.0, "baseline", []), (0.001, "paper-a", []), (0.001, "paper-b", []), (0.01, "seed", [])]
+    assert _dodged(0.0, "baseline", rows) == 0.0 and _dodged(0.01, "seed", rows) == 0.01
+    left, right = _dodged(0.001, "paper-a", rows), _dodged(0.001, "paper-b", rows)
+    assert 0.0009 < left < 0.001 < right < 0.0011 and left * right == pytest.approx(0.001**2)
+
+
 def test_sweep_table_rows(tmp_path, capsys):
     rows = [{"step": s, "success_rate": 0.25, "entropy": 1.0} for s in range(2)]
     for name, flags in (("baseline", None), ("epo-seed-lambda_entropy-0.003", {"lambda_entropy": "0.003"})):

@@ -14,6 +14,7 @@ from pathlib import Path
 from openrlhf_epo.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SMOOTHING = 10  # steps in the success-rate moving average
+PANELS_PER_ROW = 4
 FINAL_FRACTION = 0.2  # "final success" = mean success over the last 20% of steps
 START_FRACTION = 0.1  # "start success" = mean success over the first 10% of steps: what learning starts from
 
@@ -210,10 +211,18 @@ def plot_out(out: Path) -> list[Path]:
     out = Path(out)
     variants = load_runs(out)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    width = 4.2 * len(variants)
 
-    figure, axes = plt.subplots(1, len(variants), figsize=(width, 3.4), sharey=True, squeeze=False)
-    for axis, (name, runs) in zip(axes[0], variants.items()):
+    def panels():
+        """One panel per variant, at most PANELS_PER_ROW to a row (a sweep has many variants)."""
+        columns = min(PANELS_PER_ROW, len(variants))
+        rows = math.ceil(len(variants) / columns)
+        figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), sharey=True, squeeze=False, layout="constrained")
+        for axis in grid.flat[len(variants) :]:
+            axis.set_visible(False)
+        return figure, grid.flat, grid[:, 0]
+
+    figure, axes, first_column = panels()
+    for axis, (name, runs) in zip(axes, variants.items()):
         for i, run in enumerate(runs):
             color = colors[i % len(colors)]
             steps, entropy = _series(run["rows"], "entropy")
@@ -232,14 +241,15 @@ def plot_out(out: Path) -> list[Path]:
         "policy entropy per RL step, token mean (solid); EPO's L_H (dashed) and its corridor [lower, upper] (shaded)",
         fontsize=10,
     )
-    axes[0][0].set_ylabel("policy entropy (nats)")
-    axes[0][0].legend(fontsize=8)
+    for axis in first_column:
+        axis.set_ylabel("policy entropy (nats)")
+    first_column[0].legend(fontsize=8)
     entropy_png = out / "entropy.png"
     _save(figure, entropy_png)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, len(variants), figsize=(width, 3.4), sharey=True, squeeze=False)
-    for axis, (name, runs) in zip(axes[0], variants.items()):
+    figure, axes, first_column = panels()
+    for axis, (name, runs) in zip(axes, variants.items()):
         for i, run in enumerate(runs):
             color = colors[i % len(colors)]
             steps, success = _series(run["rows"], "success_rate")
@@ -249,8 +259,10 @@ def plot_out(out: Path) -> list[Path]:
         axis.set_xlabel("RL step")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"success rate (faint: per step, bold: {SMOOTHING}-step mean)")
-    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"success rate per RL step (faint: per step; bold: {SMOOTHING}-step mean)", fontsize=10)
+    for axis in first_column:
+        axis.set_ylabel("success rate")
+    first_column[0].legend(fontsize=8)
     success_png = out / "success.png"
     _save(figure, success_png)
     plt.close(figure)
@@ -268,6 +280,15 @@ def run_lambda(spec: dict) -> float:
     from openrlhf_epo.plugin import resolve_epo_config
 
     return resolve_epo_config(spec["epo_flags"]).lambda_entropy
+
+
+def _dodged(lam: float, name: str, rows: list) -> float:
+    """Where a variant's points go on the lambda axis: variants that share a lambda (the presets) side
+    by side, a few percent of a decade apart, so their intervals do not hide each other."""
+    sharing = [other for other_lam, other, _ in rows if other_lam == lam]
+    if lam <= 0 or len(sharing) == 1:
+        return lam
+    return lam * 10 ** (0.06 * (sharing.index(name) - (len(sharing) - 1) / 2))
 
 
 def sweep(dirs: list[Path], png: Path) -> str:
@@ -297,8 +318,9 @@ def sweep(dirs: list[Path], png: Path) -> str:
             stat = interval([d[key] for d in found])
             if stat["mean"] is None:
                 continue
-            axis.errorbar([lam], [stat["mean"]], yerr=[stat["ci95"] or 0.0], fmt="o", capsize=4, label=f"{name} (n={stat['n']})")
-            axis.scatter([lam] * len(found), [d[key] for d in found], s=8, alpha=0.35, color="gray")
+            x = _dodged(lam, name, rows)
+            axis.errorbar([x], [stat["mean"]], yerr=[stat["ci95"] or 0.0], fmt="o", capsize=4, label=f"{name} (n={stat['n']})")
+            axis.scatter([x] * len(found), [d[key] for d in found], s=8, alpha=0.35, color="gray")
         axis.set_xscale("symlog", linthresh=1e-4)
         axis.set_xlabel("lambda (0: baseline)")
         axis.set_ylabel(label)
