@@ -4,7 +4,7 @@
 
 1. One forward+backward of entropy_logprob on the action rows (half of N) of [N, V] logits, bf16
    and float32: peak memory above the inputs, next to the size of the gradient autograd requires
-   (dense N x V in the logits' dtype; see hooks/kernels/__init__.py for why not smaller).
+   (dense N x V in the logits' dtype; see hooks/openrlhf_hooks/kernels/__init__.py for why not smaller).
 2. One training step of a tiny Qwen2 (random weights, bf16, no download) the way OpenRLHF 0.11.2's
    actor does it on a machine without flash-attn: logits upcast to float32 and divided by the
    temperature, log-probs by gather - chunked logsumexp, a policy-gradient loss, backward. Three

@@ -6,7 +6,7 @@
 # EPO's presets: seed | paper-sciworld | paper-alfworld | released-code; any --epo.<field> overrides.
 #
 # Flags given to this script are appended (the last one wins). With --cpu it runs the same command in
-# CPU mode, with a local Ray and no CUDA (openrlhf_hooks/cpu_mode.py); shrink the sizes below with
+# CPU mode, with a local Ray and no CUDA (hooks/openrlhf_hooks/cpu_mode.py); shrink the sizes below with
 # environment variables, e.g. as CI runs it (tests/test_e2e_cpu.py):
 #   MODEL=tiny ACTOR_GPUS=2 VLLM_ENGINES=1 VLLM_TP=1 ATTN=eager ROLLOUT_BATCH=2 N_SAMPLES=2 ... bash $0 --cpu
 set -euo pipefail

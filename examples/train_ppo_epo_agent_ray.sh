@@ -6,7 +6,7 @@
 # Everything except --loss_plugin/--epo.* is OpenRLHF's.
 #
 # Flags given to this script are appended (the last one wins). With --cpu it runs the same command in
-# CPU mode, with a local Ray and no CUDA (openrlhf_hooks/cpu_mode.py); shrink the sizes below with
+# CPU mode, with a local Ray and no CUDA (hooks/openrlhf_hooks/cpu_mode.py); shrink the sizes below with
 # environment variables (tests/test_e2e_cpu.py runs it that way).
 set -euo pipefail
 : "${AGENT_FUNC_PATH:?set AGENT_FUNC_PATH to an OpenRLHF agent file}"

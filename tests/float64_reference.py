@@ -1,4 +1,4 @@
-"""A deliberately simple float64 reference for the EPO math (shared/design/epo-spec.md).
+"""A deliberately simple float64 reference for the EPO math (docs/spec.md).
 
 Written independently of ``openrlhf_epo`` so tests can compare the optimized code against it.
 Everything is plain Python loops over trajectories, turns and tokens; torch is used only for float64

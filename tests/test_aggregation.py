@@ -1,4 +1,4 @@
-"""Turns and L_H (epo-spec.md section 1), derived by hand."""
+"""Turns and L_H (docs/spec.md section 1), derived by hand."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""EPOConfig: the presets of epo-spec.md section 6, their YAML twins, and validation."""
+"""EPOConfig: the presets of docs/spec.md section 6, their YAML twins, and validation."""
 
 import dataclasses
 from pathlib import Path
@@ -10,7 +10,7 @@ from openrlhf_epo import PRESETS, EPOConfig, EPOConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# epo-spec.md section 6, copied column by column (the test's own copy, not the code's).
+# docs/spec.md section 6, copied column by column (the test's own copy, not the code's).
 SPEC_TABLE = {
     "seed": (0.1, 0.1, 0.5, 1.5, 20, 5, "trajectory", "squared", "global", 1.0, 0.6),
     "paper-sciworld": (0.001, 0.05, 0.0, 2.0, None, 1, "trajectory", "hinge", "global", 3.0, 0.5),

@@ -1,4 +1,4 @@
-"""CPU mode (openrlhf_hooks/cpu_mode.py, cpu_worker.py) piece by piece; tests/test_e2e_cpu.py runs it whole."""
+"""CPU mode (hooks/openrlhf_hooks/cpu_mode.py, cpu_worker.py) piece by piece; tests/test_e2e_cpu.py runs it whole."""
 
 import json
 import subprocess
@@ -172,7 +172,7 @@ def test_ray_resources_cover_the_placement_groups():
 def test_tiny_model_stops_about_a_quarter_of_the_time(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlhf_hooks import tiny_model
+    from openrlhf_hooks.testing import tiny_model
 
     tiny_model.build(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)

@@ -36,7 +36,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model")
-    subprocess.run([sys.executable, "-m", "openrlhf_hooks.tiny_model", str(path)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "openrlhf_hooks.testing.tiny_model", str(path)], check=True, capture_output=True)
     return path
 
 

@@ -1,4 +1,4 @@
-"""EntropyHistory and the per-turn reference (epo-spec.md section 2)."""
+"""EntropyHistory and the per-turn reference (docs/spec.md section 2)."""
 
 import math
 

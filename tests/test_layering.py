@@ -41,5 +41,5 @@ def test_hook_layer_imports_nothing_from_openrlhf_epo(path):
 def test_the_checks_see_imports():
     # the reader finds what it must: a core file's torch, the adapter's OpenRLHF and its own package
     assert "torch" in imported_packages(ROOT / "openrlhf_epo/core/objective.py", "openrlhf_epo")
-    assert {"openrlhf", "openrlhf_hooks"} <= imported_packages(ROOT / "hooks/ray_actor.py", "openrlhf_hooks")
+    assert {"openrlhf", "openrlhf_hooks"} <= imported_packages(ROOT / "hooks/openrlhf_hooks/ray_actor.py", "openrlhf_hooks")
     assert "openrlhf_hooks" in imported_packages(ROOT / "openrlhf_epo/plugin.py", "openrlhf_epo")

@@ -1,4 +1,4 @@
-"""Corridor, penalties, phase weight and L_EPO (epo-spec.md sections 3-5), derived by hand."""
+"""Corridor, penalties, phase weight and L_EPO (docs/spec.md sections 3-5), derived by hand."""
 
 import math
 import warnings

@@ -1,4 +1,4 @@
-"""K, the RL steps that train the actor (hooks/steps.py), against the host's own loop.
+"""K, the RL steps that train the actor (hooks/openrlhf_hooks/steps.py), against the host's own loop.
 
 For each flag combination, OpenRLHF 0.11.2's real trainer is built in this process (PPOTrainer's
 plain class: its own prepare_datasets, SamplesGenerator and fit loop, train_step and ppo_train), and

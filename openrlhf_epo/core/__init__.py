@@ -1,4 +1,4 @@
-"""Pure-torch EPO math (epo-spec.md). No OpenRLHF, Ray, DeepSpeed or pluggy import here."""
+"""Pure-torch EPO math (docs/spec.md). No OpenRLHF, Ray, DeepSpeed or pluggy import here."""
 
 from .aggregation import aggregate, aggregate_parts, aggregation_weights, turn_ids, turn_sums
 from .entropy import token_entropy

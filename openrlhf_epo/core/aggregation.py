@@ -1,4 +1,4 @@
-"""Turns and the entropy aggregation L_H of epo-spec.md section 1.
+"""Turns and the entropy aggregation L_H of docs/spec.md section 1.
 
 Both aggregation modes are written as a weighted sum divided by a count:
 

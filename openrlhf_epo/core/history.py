@@ -1,4 +1,4 @@
-"""The entropy history and its detached reference (epo-spec.md section 2).
+"""The entropy history and its detached reference (docs/spec.md section 2).
 
 Step k's reference is built from the statistics S_0 .. S_{k-1} only: push S_k after step k.
 """

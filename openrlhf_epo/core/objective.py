@@ -1,4 +1,4 @@
-"""Corridor, smoothing penalty, phase weight and the EPO objective (epo-spec.md sections 3-5).
+"""Corridor, smoothing penalty, phase weight and the EPO objective (docs/spec.md sections 3-5).
 
     L_EPO = L_policy - lambda * (L_H - beta_k * alpha * P)        (minimized)
 

@@ -1,7 +1,7 @@
 """The demo's model for KeyDoor: a tiny random Qwen2 with a word-level ChatML tokenizer, built offline.
 
 The tokenizer is trained on KeyDoor's conversations only: each of its words is one token, and the
-vocabulary is a few dozen characters and words. The random model starts with a prior (openrlhf_hooks.tiny_model's
+vocabulary is a few dozen characters and words. The random model starts with a prior (openrlhf_hooks.testing.tiny_model's
 fixed-logit rows): a reply's first token is each action word with ACTION_PROBABILITY, and after any
 token the stop token has STOP_AFTER_TOKEN. So a typical reply is one action word and its stop token,
 and episodes last many turns in a small context.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from openrlhf_hooks.tiny_model import build_model
+from openrlhf_hooks.testing.tiny_model import build_model
 
 from .env import ACTIONS, vocabulary
 

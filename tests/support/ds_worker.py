@@ -6,7 +6,7 @@ replay buffer and runs the host's ppo_train between the plugin's begin_step and 
 Usage (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set by the test):
     python ds_worker.py OUT.pt MODEL_DIR STEPS [launcher flags...]
 
-The host's CUDA-only calls are replaced by CPU mode's replacements (openrlhf_hooks/cpu_mode.py,
+The host's CUDA-only calls are replaced by CPU mode's replacements (hooks/openrlhf_hooks/cpu_mode.py,
 REPLACEMENTS, each with the host's file:line), applied in this process with cpu_mode.activate():
 the same ones a `--cpu` run uses, ZeRO-3's sequential parameter gathers included.
 The process group is created over gloo before the strategy's own deepspeed.init_distributed call,

@@ -37,7 +37,7 @@ class RankContext:
     all_reduce_sum: returns the SUM of a tensor over the data-parallel group (identity with one rank);
         it may also overwrite its input, so pass a tensor you no longer need.
     total_steps: K, the run's RL steps as the launcher counted them from the host's arguments
-        (hooks/steps.py), or None when they cannot be counted (total_steps_note says why). A plugin
+        (hooks/openrlhf_hooks/steps.py), or None when they cannot be counted (total_steps_note says why). A plugin
         with its own setting for K (EPO: --epo.total_steps) applies it itself.
     """
 

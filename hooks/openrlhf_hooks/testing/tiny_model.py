@@ -1,4 +1,4 @@
-"""python -m openrlhf_hooks.tiny_model DIR: a tiny random-weight Qwen2 chat model for CPU smoke runs.
+"""python -m openrlhf_hooks.testing.tiny_model DIR: a tiny random-weight Qwen2 chat model for CPU smoke runs.
 
 Built offline in a few seconds: a byte-level BPE tokenizer trained here with ChatML's special tokens
 and a Qwen-style chat template, and a 2-layer Qwen2 (head_dim 64, which vLLM's CPU attention needs).
@@ -42,6 +42,27 @@ Task: You are hungry! Let's cook a delicious meal. Find the coin. You are in the
 of the room you see a fridge that is closed. There is also a counter. To the North you see a door.
 Invalid action. Valid actions here. system user assistant science thermometer water boil freeze melt
 """
+
+
+def tiny_qwen2(path: str | Path, initializer_range: float = 0.02, vocab_size: int = 128) -> Path:
+    """A 2-layer Qwen2 saved to `path` (no tokenizer: training reads token ids only). A larger
+    initializer_range gives sharper next-token distributions, so samples differ in entropy."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=initializer_range,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return Path(path)
 
 
 def build_tokenizer(path: Path):
@@ -183,7 +204,7 @@ def build(path: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openrlhf_hooks.tiny_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m openrlhf_hooks.testing.tiny_model", description=__doc__.split("\n")[0])
     parser.add_argument("path", help="folder to write the model and tokenizer to")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -256,7 +256,7 @@ def install(trainer: Any, strategy: Any, checkpoint_states: Optional[dict] = Non
     """Install the loss plugin named in the host's args into `trainer`; None when no plugin is asked for.
 
     K (RankContext.total_steps) is the count of RL steps the launcher made before Ray started
-    (settings["rl_steps"], hooks/steps.py), or None with the reason; the plugin decides what it needs.
+    (settings["rl_steps"], hooks/openrlhf_hooks/steps.py), or None with the reason; the plugin decides what it needs.
     checkpoint_states: the host's restored client_states, if resuming.
     """
     settings = hooks_settings(strategy.args)

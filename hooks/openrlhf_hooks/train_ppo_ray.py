@@ -5,7 +5,7 @@ Accepts every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus
   --<NAME>.<knob> VALUE       that plugin's flags (EPO: --epo.preset, --epo.config, --epo.<field>)
   --rollout_processors A,B    rollout post-processors to run on each rank's experiences
   --plugins_dry_run           run all parsing and validation, print one JSON object, exit before Ray
-  --cpu                       CPU mode: OpenRLHF's loop on a machine without CUDA (hooks/cpu_mode.py)
+  --cpu                       CPU mode: OpenRLHF's loop on a machine without CUDA (hooks/openrlhf_hooks/cpu_mode.py)
 
 The host's own parser and validation run unchanged (its module is executed as __main__). Two
 seams are used, both in this driver process only: the host's `hierarchize` is observed to get the
@@ -13,13 +13,13 @@ parsed args, and the host's first call in train(), `ray.is_initialized()`, is wh
 host checks run and the dry run stops, after all host validation and before Ray starts.
 
 With a loss plugin, the driver also counts K, the RL steps that will train the actor
-(hooks/steps.py), and puts it into the settings every rank receives (settings["rl_steps"]). The
+(hooks/openrlhf_hooks/steps.py), and puts it into the settings every rank receives (settings["rl_steps"]). The
 host's `ray.init` gets the hook layer's environment (plugins.worker_env) in its runtime_env, so
 every worker, on every node, loads the plugins the driver loaded.
 
 `--help` and `--plugins_dry_run` work without vLLM and flash-attn (a CPU laptop or login node):
 OpenRLHF's module imports them at load, so for those two only, and only while they run, the
-missing ones are import-time placeholders (see HOST_IMPORT_ONLY). A real run without them stops
+missing ones are import-time placeholders (host_imports.py). A real run without them stops
 with one line naming the package to install.
 """
 
@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import importlib.abc
-import importlib.util
 import json
 import os
-import re
 import runpy
 import sys
-import types
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from . import cpu_mode
 from .api import PluginConfigError, PluginError
+from .host_imports import HostDependencyUnavailable, host_import_placeholders, missing_dependency_message, missing_package
 from .plugins import Registry, get_registry, worker_env
 from .steps import RLStepsError, derive_rl_steps
 from .trainer import ARGS_KEY
@@ -50,125 +47,6 @@ PROG = "python -m openrlhf_hooks.train_ppo_ray"
 
 class LauncherError(Exception):
     """A one-line launcher error (bad plugin flag, unknown plugin, ...)."""
-
-
-# -- host dependencies -------------------------------------------------------------------------
-
-GPU_EXTRA = "pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
-
-# What OpenRLHF 0.11.2's train_ppo_ray imports at load but never calls while it parses and
-# validates flags: package -> (where the host imports it, how to install it).
-HOST_IMPORT_ONLY = {
-    "vllm": (
-        "openrlhf/trainer/ray/vllm_engine.py:7,11,12 (via trainer/ray/__init__.py:2, cli/train_ppo_ray.py:8)",
-        "pip install 'openrlhf[vllm]==0.11.2'",
-    ),
-    "flash_attn": (
-        "openrlhf/models/ring_attn_utils.py:3-4 (via models/actor.py:11, utils/deepspeed/deepspeed.py:25)",
-        "pip install flash-attn==2.8.3 (an OpenRLHF 0.11.2 requirement; it builds against CUDA)",
-    ),
-}
-
-
-def missing_dependency_message(package: str) -> str:
-    """One line naming the missing package and what installs it."""
-    how = HOST_IMPORT_ONLY[package][1] if package in HOST_IMPORT_ONLY else "install OpenRLHF 0.11.2's requirements"
-    return f"OpenRLHF needs the package {package!r}, which is not installed here: {how}; or {GPU_EXTRA}"
-
-
-def _missing_package(exc: ImportError) -> str:
-    """The top-level package an ImportError is about (a Ray worker's error may only say it in its text)."""
-    name = getattr(exc, "name", None)
-    if not name:
-        found = re.search(r"No module named '([^']+)'", str(exc))
-        name = found.group(1) if found else "?"
-    return name.partition(".")[0]
-
-
-class HostDependencyUnavailable(LauncherError, ModuleNotFoundError):
-    """A dry-run placeholder was used: the package is needed after all. Also an ImportError, so
-    host code that falls back when a package is missing still does."""
-
-
-class _Placeholder:
-    """Stands for one name imported from a missing package; any use raises HostDependencyUnavailable."""
-
-    def __init__(self, qualname: str, package: str):
-        self._qualname, self._package = qualname, package
-
-    def _unavailable(self, *args, **kwargs):
-        raise HostDependencyUnavailable(
-            f"{self._qualname} was used, but {missing_dependency_message(self._package)} "
-            "(only --help and --plugins_dry_run run without it)"
-        )
-
-    __call__ = __getitem__ = __iter__ = __mro_entries__ = _unavailable
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self._unavailable()
-
-
-class _PlaceholderModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):  # introspection (__version__, __file__, ...) sees a plain module
-            raise AttributeError(name)
-        return _Placeholder(f"{self.__name__}.{name}", self.__name__.partition(".")[0])
-
-
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, packages: Sequence[str]):
-        self.packages = set(packages)
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in self.packages:
-            return importlib.util.spec_from_loader(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _PlaceholderModule(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-
-
-def _importable(package: str) -> bool:
-    if package in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def host_import_placeholders() -> Iterator[list]:
-    """For --help and --plugins_dry_run: placeholders for the HOST_IMPORT_ONLY packages that are not
-    installed, for the duration of the block only. Afterwards the placeholders, and the OpenRLHF
-    modules first imported inside the block (which hold placeholder names), leave sys.modules, so a
-    later import in this process meets the real ImportError again. Yields the placeholder packages."""
-    missing = [package for package in HOST_IMPORT_ONLY if not _importable(package)]
-    if not missing:
-        yield missing
-        return
-    before = set(sys.modules)
-    finder = _PlaceholderFinder(missing)
-    sys.meta_path.insert(0, finder)
-    try:
-        yield missing
-    finally:
-        sys.meta_path.remove(finder)
-        purged = [
-            name
-            for name in sys.modules
-            if name not in before and name.partition(".")[0] in {*missing, "openrlhf"}
-        ]
-        for name in purged:
-            module = sys.modules.pop(name)
-            parent, _, child = name.rpartition(".")
-            if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
-                delattr(sys.modules[parent], child)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,7 +77,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         action="store_true",
         help="CPU mode: run OpenRLHF's loop without CUDA (smoke runs, CI); adds "
         + ", ".join(f"{f} {v}" if v else f for f, v in cpu_mode.FLAG_DEFAULTS)
-        + " when not given (openrlhf_hooks/cpu_mode.py)",
+        + " when not given (module openrlhf_hooks.cpu_mode; docs/how-it-works.md, CPU mode)",
     )
     for name in sorted(registry.loss_plugins):
         plugin = registry.loss_plugins[name]
@@ -419,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(exc, HostDependencyUnavailable):
             message = str(exc)
         else:
-            message = missing_dependency_message(_missing_package(exc))
+            message = missing_dependency_message(missing_package(exc))
         print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except (LauncherError, PluginError) as exc:

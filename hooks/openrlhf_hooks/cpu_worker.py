@@ -4,7 +4,7 @@ of the DeepSpeed rank 0 -> vLLM broadcast use.
 
 vLLM runs its engine core in a process it spawns itself; that process imports the worker extension
 by name and runs nothing of the hook layer before. So this module imports nothing from OpenRLHF
-(whose package imports would pull flash-attn in) and needs no process set-up: hooks/cpu_mode.py
+(whose package imports would pull flash-attn in) and needs no process set-up: hooks/openrlhf_hooks/cpu_mode.py
 points vLLM at `CPUWorkerWrap` through the `worker_extension_cls` the host passes.
 """
 

@@ -12,7 +12,7 @@ applied by `activate()` in every process of the run:
     of the host's own `ray.init` (a Ray cluster started by hand gets it the same way, because the
     driver still calls ray.init);
   - vLLM's engine-core process, which vLLM spawns itself: it needs no set-up, because the only host
-    code it runs is the worker extension, replaced by name with hooks/cpu_worker.py.
+    code it runs is the worker extension, replaced by name with hooks/openrlhf_hooks/cpu_worker.py.
 
 Ray is told the node has as many GPUs as the run's placement groups ask for, so they schedule on
 CPUs; DeepSpeed uses its CPU accelerator (DS_ACCELERATOR=cpu) and gloo; vLLM is the CPU build.
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .host_imports import PlaceholderFinder, importable
 
 SETUP_HOOK = "openrlhf_hooks.cpu_mode.activate"
 WORKER_EXTENSION = "openrlhf_hooks.cpu_worker.CPUWorkerWrap"
@@ -236,11 +238,9 @@ def activate() -> None:
         return
     for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    from .train_ppo_ray import _importable, _PlaceholderFinder
-
-    missing = [package for package in IMPORT_ONLY_PACKAGES if not _importable(package)]
+    missing = [package for package in IMPORT_ONLY_PACKAGES if not importable(package)]
     if missing:
-        _placeholder_finder = _PlaceholderFinder(missing)
+        _placeholder_finder = PlaceholderFinder(missing)
         sys.meta_path.insert(0, _placeholder_finder)
     for replacement in REPLACEMENTS:
         module = importlib.import_module(replacement.module)
