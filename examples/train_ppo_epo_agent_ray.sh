@@ -9,9 +9,6 @@
 # CPU mode, with a local Ray and no CUDA (hooks/openrlhf_hooks/cpu_mode.py); shrink the sizes below with
 # environment variables (tests/test_e2e_cpu.py runs it that way).
 set -euo pipefail
-: "${AGENT_FUNC_PATH:?set AGENT_FUNC_PATH to an OpenRLHF agent file}"
-: "${PROMPT_DATA:?set PROMPT_DATA to a prompt dataset}"
-MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct}
 SAVE=${SAVE:-./ckpt/ppo-epo}
 PRESET=${PRESET:-paper-sciworld}
 ACTOR_GPUS=${ACTOR_GPUS:-4}
@@ -19,38 +16,15 @@ CRITIC_GPUS=${CRITIC_GPUS:-2}
 REF_GPUS=${REF_GPUS:-2}
 VLLM_ENGINES=${VLLM_ENGINES:-2}
 ROLLOUT_BATCH=${ROLLOUT_BATCH:-64}
-ROLLOUT_MICRO_BATCH=${ROLLOUT_MICRO_BATCH:-4}
 TRAIN_BATCH=${TRAIN_BATCH:-64}
-MICRO_BATCH=${MICRO_BATCH:-2}
-MAX_LEN=${MAX_LEN:-8192}
-EPISODES=${EPISODES:-20}
-SAVE_STEPS=${SAVE_STEPS:-10}
-ZERO_STAGE=${ZERO_STAGE:-3}
-ATTN=${ATTN:-flash_attention_2}
+source "$(dirname "${BASH_SOURCE[0]}")/epo_agent_common.sh"
 
-ARGS=(
-   --loss_plugin epo
-   --epo.preset "$PRESET"
-   --actor.model_name_or_path "$MODEL"
-   --critic.model_name_or_path "$MODEL"
-   --actor.num_nodes 1 --actor.num_gpus_per_node "$ACTOR_GPUS"
-   --critic.num_nodes 1 --critic.num_gpus_per_node "$CRITIC_GPUS"
-   --ref.num_nodes 1 --ref.num_gpus_per_node "$REF_GPUS"
-   --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1
-   --train.agent_func_path "$AGENT_FUNC_PATH"
-   --data.prompt_dataset "$PROMPT_DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template
-   --data.max_len "$MAX_LEN"
-   --algo.advantage.estimator gae
-   --rollout.batch_size "$ROLLOUT_BATCH" --rollout.micro_batch_size "$ROLLOUT_MICRO_BATCH"
-   --train.batch_size "$TRAIN_BATCH" --train.micro_batch_size "$MICRO_BATCH"
-   --train.max_epochs 1 --train.num_episodes "$EPISODES"
-   --ds.zero_stage "$ZERO_STAGE" --ds.param_dtype bf16 --ds.attn_implementation "$ATTN"
-   --ckpt.path "$SAVE" --ckpt.save_steps "$SAVE_STEPS" --ckpt.load_enable
-   --ckpt.output_dir "$SAVE/final"
-)
-
-if [[ " $* " == *" --cpu "* ]]; then
-   exec "${PYTHON:-python3}" -m openrlhf_hooks.train_ppo_ray "${ARGS[@]}" "$@"
-fi
-ray start --head --num-gpus 8 2>/dev/null || true
-ray job submit --address="http://127.0.0.1:8265" -- python3 -m openrlhf_hooks.train_ppo_ray "${ARGS[@]}" "$@"
+launch \
+   --actor.model_name_or_path "$MODEL" \
+   --critic.model_name_or_path "$MODEL" \
+   --actor.num_nodes 1 --actor.num_gpus_per_node "$ACTOR_GPUS" \
+   --critic.num_nodes 1 --critic.num_gpus_per_node "$CRITIC_GPUS" \
+   --ref.num_nodes 1 --ref.num_gpus_per_node "$REF_GPUS" \
+   --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 \
+   --algo.advantage.estimator gae \
+   -- "$@"

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 AGGREGATIONS = ("trajectory", "token")
 PENALTIES = ("squared", "hinge", "indicator")
 REFERENCES = ("global", "per_turn")
+REGULARIZER_KNOBS = ("lambda_entropy", "alpha", "kappa_left", "kappa_right", "penalty", "aggregation")
 
 
 class EPOConfigError(ValueError):
@@ -77,6 +78,10 @@ class EPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def regularizer_knobs(self) -> dict[str, Any]:
+        """The knobs core.epo_regularizer takes, as keywords."""
+        return {name: getattr(self, name) for name in REGULARIZER_KNOBS}
 
     def validate(self) -> None:
         """Raise EPOConfigError naming the first field whose value is out of range or of the wrong type."""

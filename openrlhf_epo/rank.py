@@ -35,6 +35,7 @@ from .core import (
     MAX_TURNS,
     EntropyHistory,
     PerTurnEntropyHistory,
+    corridor,
     epo_regularizer,
     phase_weight,
     squared_penalty,
@@ -118,7 +119,7 @@ class EPORankLoss(RankLoss):
         # no action token in the whole optimizer step: every share is 0 whatever the point
         self._linearize_at = numerator / den if den > 0 else 0.0
         if den > 0:
-            lower, upper = self.config.kappa_left * self.reference, self.config.kappa_right * self.reference
+            lower, upper = corridor(self.reference, self.config.kappa_left, self.config.kappa_right)
             self._applied_penalties.append(squared_penalty(self._linearize_at, lower, upper))
 
     def policy_loss(self, host_outputs, *, action_mask, entropy, loss_batch_info):
@@ -154,7 +155,7 @@ class EPORankLoss(RankLoss):
             action_mask,
             reference,
             self.beta,
-            self.config,
+            **self.config.regularizer_knobs(),
             denominator=None if denominator is None else denominator.to(entropy.device),
             linearize_at=self._linearize_at if squared_share else None,
         )
@@ -227,7 +228,7 @@ class EPORankLoss(RankLoss):
         if ref is None:
             lower = upper = penalty = in_corridor = nan
         else:
-            lower, upper = self.config.kappa_left * ref, self.config.kappa_right * ref
+            lower, upper = corridor(ref, self.config.kappa_left, self.config.kappa_right)
             in_corridor = sums["inside"] / tokens if tokens else nan
             if self.config.penalty == "squared":
                 applied = self._applied_penalties

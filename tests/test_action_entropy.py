@@ -3,7 +3,7 @@ host's action window, for padded and for packed logits, values and gradients."""
 
 import torch
 
-from openrlhf_epo.core import token_entropy
+from float64_reference import ref_token_entropy
 from openrlhf_hooks.trainer import action_entropy
 
 
@@ -23,7 +23,7 @@ def batch():
 
 def expected(logits, action_mask):
     # the host's alignment: entropy[:, :-1][:, -A:] of the padded logits, masked
-    return token_entropy(logits)[:, :-1][:, -action_mask.shape[1] :] * action_mask
+    return ref_token_entropy(logits)[:, :-1][:, -action_mask.shape[1] :] * action_mask
 
 
 def test_padded_logits():

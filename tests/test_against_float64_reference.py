@@ -30,7 +30,6 @@ from openrlhf_epo.core import (
     phase_weight,
     step_statistic,
     step_statistic_parts,
-    token_entropy,
     turn_ids,
 )
 
@@ -73,7 +72,7 @@ def test_simulated_run_matches_reference(preset):
             assert reference == pytest.approx(expected_ref, rel=REL)
 
         x = logits.clone().requires_grad_(True)
-        loss, metrics = epo_loss(torch.tensor(0.25, dtype=torch.float64), token_entropy(x), mask, reference, step, None, config)
+        loss, metrics = epo_loss(torch.tensor(0.25, dtype=torch.float64), ref_token_entropy(x), mask, reference, step, None, config)
         (grad,) = torch.autograd.grad(loss, x)
 
         y = logits.clone().requires_grad_(True)
@@ -95,7 +94,7 @@ def test_simulated_run_matches_reference(preset):
             )
 
         # close the step: push S_k (and the per-turn sums) into both histories
-        stat = step_statistic(step_statistic_parts(token_entropy(logits), mask, config.aggregation))
+        stat = step_statistic(step_statistic_parts(ref_token_entropy(logits), mask, config.aggregation))
         expected_value = ref_aggregate(h_ref.detach(), mask, config.aggregation).item()
         assert stat.value == pytest.approx(expected_value, rel=REL)
         past_values.append(expected_value)
@@ -120,7 +119,7 @@ def test_random_references_every_penalty_shape(preset, offset):
     current = aggregate(ref_token_entropy(logits), mask, config.aggregation).item()
     reference = current * offset
     x = logits.clone().requires_grad_(True)
-    loss, _ = epo_loss(torch.tensor(0.0, dtype=torch.float64), token_entropy(x), mask, reference, 7, None, config)
+    loss, _ = epo_loss(torch.tensor(0.0, dtype=torch.float64), ref_token_entropy(x), mask, reference, 7, None, config)
     (grad,) = torch.autograd.grad(loss, x)
     y = logits.clone().requires_grad_(True)
     expected = ref_epo_loss(

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from fake_plugins import install_fake_plugin
+from float64_reference import ref_token_entropy
 from host_args import tiny_host_flags  # installs the flash_attn/vllm stand-ins
 from openrlhf_epo import EPOConfig
-from openrlhf_epo.core import EntropyHistory, step_statistic, step_statistic_parts, token_entropy
-from openrlhf_epo.io import append_jsonl, atomic_torch_save
+from openrlhf_epo.core import EntropyHistory, step_statistic, step_statistic_parts
+from openrlhf_epo.demo.io import atomic_write_json, atomic_write_text
 from openrlhf_epo.rank import EPOHealthError, EPORankLoss
 from openrlhf_hooks import PluginConfigError, RankContext, RankStateMismatchError, plugins
 from openrlhf_hooks.agreement import RankAgreement
@@ -449,18 +450,18 @@ def _(env):
     empty = torch.zeros_like(MASK)
     clean = logits(1)
     x = logits(2)
-    metrics, outputs, _ = run_step(loss, [(token_entropy(clean), MASK), (token_entropy(x), empty)])
+    metrics, outputs, _ = run_step(loss, [(ref_token_entropy(clean), MASK), (ref_token_entropy(x), empty)])
     # the empty micro-batch adds nothing: a zero term, a zero (finite) gradient, no statistic
     assert outputs[1].item() == 1.0
     outputs[1].backward()
     assert x.grad is not None and not x.grad.any()
-    assert loss.history.values() == [pytest.approx(statistic(loss.config, (token_entropy(clean), MASK)))]
+    assert loss.history.values() == [pytest.approx(statistic(loss.config, (ref_token_entropy(clean), MASK)))]
     assert metrics["skipped_steps"] == 0.0
 
 
 @row("rank-batch-without-action-token")
 def _(env):
-    h = token_entropy(logits(1)).detach()
+    h = ref_token_entropy(logits(1)).detach()
 
     def body(rank, all_reduce):
         loss = two_rank_losses(None, all_reduce, rank)
@@ -475,10 +476,10 @@ def _(env):
 @row("step-without-action-token")
 def _(env):
     loss = make_loss()
-    run_step(loss, [(token_entropy(logits(1)), MASK)])
+    run_step(loss, [(ref_token_entropy(logits(1)), MASK)])
     before = loss.history.state_dict()
     with env.caplog.at_level(logging.WARNING):
-        metrics, _, _ = run_step(loss, [(token_entropy(logits(2)), torch.zeros_like(MASK))])
+        metrics, _, _ = run_step(loss, [(ref_token_entropy(logits(2)), torch.zeros_like(MASK))])
     assert loss.history.state_dict() == before
     assert metrics["skipped_steps"] == 1.0 and math.isnan(metrics["entropy"])
     assert warned(env, "skipped (no action token in the whole step)")
@@ -499,13 +500,13 @@ def _one_bad_micro_batch(env, value):
     clean = logits(1)
     if math.isnan(value):
         bad = with_bad_token(2, value)
-        h_bad = token_entropy(bad)
-    else:  # token_entropy stays finite for infinite logits: an infinite entropy can only come from the host
+        h_bad = ref_token_entropy(bad)
+    else:  # ref_token_entropy stays finite for infinite logits: an infinite entropy can only come from the host
         bad = logits(2)
         offset = torch.zeros(MASK.shape, dtype=torch.float64)
         offset[0, 1] = value
-        h_bad = token_entropy(bad) + offset
-    h_clean = token_entropy(clean)
+        h_bad = ref_token_entropy(bad) + offset
+    h_clean = ref_token_entropy(clean)
     assert not torch.isfinite(h_bad[MASK.bool()]).all()
     with env.caplog.at_level(logging.WARNING):
         metrics, outputs, leaves = run_step(loss, [(h_clean, MASK), (h_bad, MASK)])
@@ -523,8 +524,8 @@ def _one_bad_micro_batch(env, value):
 def _(env):
     # the squared penalty all-reduces once per optimizer step: the rank with the bad micro-batch must still join
     config = EPOConfig.from_preset("seed", warmup=1)
-    h_good = token_entropy(logits(1)).detach()
-    h_bad = token_entropy(with_bad_token(2, math.nan)).detach()
+    h_good = ref_token_entropy(logits(1)).detach()
+    h_bad = ref_token_entropy(with_bad_token(2, math.nan)).detach()
     info = {"global_batch_size": 6, "batch_num_tokens": 2 * int(MASK.sum()), "dp_size": 2}
 
     def body(rank, all_reduce):
@@ -542,10 +543,10 @@ def _(env):
 @row("nan-entropy-in-every-micro-batch")
 def _(env):
     loss = make_loss()
-    run_step(loss, [(token_entropy(logits(1)), MASK)])
+    run_step(loss, [(ref_token_entropy(logits(1)), MASK)])
     before = loss.history.state_dict()
     with env.caplog.at_level(logging.WARNING):
-        metrics, _, _ = run_step(loss, [(token_entropy(with_bad_token(s, math.nan)), MASK) for s in (2, 3)])
+        metrics, _, _ = run_step(loss, [(ref_token_entropy(with_bad_token(s, math.nan)), MASK) for s in (2, 3)])
     assert loss.history.state_dict() == before
     assert metrics["skipped_steps"] == 1.0 and metrics["nonfinite_micro_batches"] == 2.0
     assert warned(env, "skipped (every micro-batch had non-finite entropy)")
@@ -554,7 +555,7 @@ def _(env):
 @row("nan-entropy-off-the-action-mask")
 def _(env):
     loss = make_loss()
-    h = token_entropy(logits(1))
+    h = ref_token_entropy(logits(1))
     stray = h.detach().clone()
     stray[0, 0] = math.nan  # MASK[0, 0] = 0: a prompt or observation position
     metrics, outputs, _ = run_step(loss, [(stray, MASK)])
@@ -565,10 +566,10 @@ def _(env):
 @row("max-bad-steps-in-a-row")
 def _(env):
     loss = make_loss(EPOConfig.from_preset("paper-sciworld", max_bad_steps=3))
-    bad = [(token_entropy(with_bad_token(5, math.nan)), MASK)]
+    bad = [(ref_token_entropy(with_bad_token(5, math.nan)), MASK)]
     run_step(loss, bad)
     run_step(loss, bad)
-    run_step(loss, [(token_entropy(logits(1)), MASK)])  # a good step resets the count
+    run_step(loss, [(ref_token_entropy(logits(1)), MASK)])  # a good step resets the count
     run_step(loss, bad)
     metrics, _, _ = run_step(loss, bad)
     assert metrics["skipped_steps"] == 4.0 and len(loss.history) == 1
@@ -611,7 +612,7 @@ def _(env):
 def trained_state(config, steps=2):
     loss = make_loss(config)
     for step in range(steps):
-        run_step(loss, [(token_entropy(logits(10 + step)), MASK)])
+        run_step(loss, [(ref_token_entropy(logits(10 + step)), MASK)])
     return loss.state_dict()
 
 
@@ -682,7 +683,7 @@ def _(env):
 @row("ranks-disagree-at-a-periodic-check")
 def _(env):
     config = EPOConfig.from_preset("paper-sciworld", check_every=2)
-    h = token_entropy(logits(1)).detach()
+    h = ref_token_entropy(logits(1)).detach()
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
@@ -707,7 +708,7 @@ def _(env):
     state = trained_state(config)
     tampered = json.loads(json.dumps(state))
     tampered["history"]["values"][0] += 1e-9
-    h = token_entropy(logits(1)).detach()
+    h = ref_token_entropy(logits(1)).detach()
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
@@ -726,7 +727,7 @@ def _(env):
 def _(env):
     config = EPOConfig.from_preset("paper-sciworld", check_every=0)
     state = trained_state(config)
-    h = token_entropy(logits(1)).detach()
+    h = ref_token_entropy(logits(1)).detach()
 
     def body(rank, all_reduce):
         loss = two_rank_losses(config, all_reduce, rank)
@@ -751,25 +752,30 @@ def _(env):
 # -- files the plugin's hosts write ------------------------------------------------------------
 
 
-@row("checkpoint-write-fails-part-way")
+@row("summary-write-fails-part-way")
 def _(env):
-    path = env.tmp_path / "checkpoint.pt"
-    atomic_torch_save({"step": 1}, path)
-    with pytest.raises(Exception):
-        atomic_torch_save({"step": 2, "oops": lambda: None}, path)  # pickling fails after the first bytes
-    assert torch.load(path) == {"step": 1}
-    assert [p.name for p in env.tmp_path.iterdir()] == ["checkpoint.pt"]
+    path = env.tmp_path / "summary.json"
+    atomic_write_json(path, {"step": 1})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(os, "fsync", disk_full)  # the bytes are written, the flush to disk fails
+        atomic_write_json(path, {"step": 2})
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert [p.name for p in env.tmp_path.iterdir()] == ["summary.json"]
 
 
-@row("crash-while-appending-metrics")
+@row("crash-while-rewriting-metrics")
 def _(env):
     path = env.tmp_path / "metrics.jsonl"
-    append_jsonl(path, {"step": 0})
+    atomic_write_text(path, '{"step": 0}\n')
     crash = (
         "import os, sys\n"
-        "import openrlhf_epo.io as io\n"
+        "from openrlhf_epo.demo import io\n"
         "os.fsync = lambda fd: os._exit(9)  # the process dies after writing, before the rename\n"
-        "io.append_jsonl(sys.argv[1], {'step': 1, 'entropy': 0.5})\n"
+        "io.atomic_write_text(sys.argv[1], '{\"step\": 0}\\n{\"step\": 1}\\n')\n"
     )
     done = subprocess.run([sys.executable, "-c", crash, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 9, done.stderr

@@ -241,7 +241,8 @@ def test_model_is_the_same_for_a_seed(tmp_path, keydoor_model):
 
 
 def plan(argv: list[str], env: dict | None = None):
-    from openrlhf_epo.cli import build_parser, plan_runs
+    from openrlhf_epo.cli import build_parser
+    from openrlhf_epo.demo.runner import plan_runs
 
     parser = build_parser()
     args, extra = parser.parse_known_args(["demo", *argv])
@@ -323,7 +324,7 @@ def test_default_comparison_and_pure_presets(tmp_path):
     assert named[0].run_dir.endswith("epo-seed-s0") and named[3].model_dir.endswith("model-s1")
     tuned = plan(["--out", str(tmp_path / "c"), "--epo.lambda_entropy", "0.01"])
     assert tuned[1].name == "epo-seed-lambda_entropy-0.01" and tuned[1].epo_flags == {"lambda_entropy": "0.01"}  # as typed, passed on as typed
-    from openrlhf_epo.cli import QUICK
+    from openrlhf_epo.demo.runner import QUICK
 
     quick = plan(["--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
     assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20})
@@ -428,7 +429,7 @@ def test_plot_needs_no_plugin_registry(tmp_path):
 
 
 def test_t_quantile_matches_published_values():
-    from openrlhf_epo.demo.plots import t_quantile
+    from openrlhf_epo.demo.stats import t_quantile
 
     # two-sided 95% Student t quantiles from a printed table
     for df, expected in ((1, 12.706), (4, 2.776), (12, 2.179), (20, 2.086), (60, 2.000)):
@@ -436,7 +437,7 @@ def test_t_quantile_matches_published_values():
 
 
 def test_interval_is_the_t_interval_over_seeds():
-    from openrlhf_epo.demo.plots import interval
+    from openrlhf_epo.demo.stats import interval
 
     stat = interval([0.1, 0.2, 0.3, 0.4, 0.5, None])
     assert stat["n"] == 5 and stat["mean"] == pytest.approx(0.3)
@@ -447,7 +448,7 @@ def test_interval_is_the_t_interval_over_seeds():
 
 
 def test_run_diagnostics_find_collapse_oscillation_and_corridor():
-    from openrlhf_epo.demo.plots import run_diagnostics
+    from openrlhf_epo.demo.stats import run_diagnostics
 
     # entropy starts at 2, halves by step 5; alternating +-0.2 afterwards
     entropy = [2.0, 2.0, 2.0, 1.6, 1.2, 0.9, 1.1, 0.9, 1.1, 0.9]
@@ -467,7 +468,7 @@ def test_run_diagnostics_find_collapse_oscillation_and_corridor():
 
 
 def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
-    from openrlhf_epo.demo.plots import _summarise, summary_table
+    from openrlhf_epo.demo.stats import _summarise, summary_table
 
     falling = [{"step": s, "success_rate": 0.5 * (s > 0), "entropy": 2.0 - 0.3 * s} for s in range(6)]
     flat = [{"step": s, "success_rate": 0.1, "entropy": 2.0} for s in range(6)]
@@ -483,7 +484,7 @@ def test_summary_counts_collapses_and_leaves_out_runs_without_rows(tmp_path):
 
 def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
     """vs_baseline is the mean over shared seeds of (variant - baseline) final success, not the gap of the means."""
-    from openrlhf_epo.demo.plots import summarise, summary_table
+    from openrlhf_epo.demo.stats import summarise, summary_table
 
     def run(seed: int, success: float) -> dict:
         return {"seed": seed, "rows": [{"step": s, "success_rate": success, "entropy": 1.0} for s in range(5)]}
@@ -562,7 +563,7 @@ def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
     out = tmp_path / "demo"
     done = demo(["--quick", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-4000:]
-    from openrlhf_epo.cli import QUICK
+    from openrlhf_epo.demo.runner import QUICK
 
     baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-seed-s0" / "metrics.jsonl")
     assert [r["step"] for r in baseline] == [r["step"] for r in epo] == list(range(QUICK["steps"]))

@@ -52,7 +52,7 @@ def _run(config: EPOConfig, rank: int | None, world: int):
         stat = step_statistic(parts)
         reference = history.token_reference(mask) if per_turn else history.reference()
         shared = {} if rank is None else {"denominator": parts[1], "linearize_at": stat.value}
-        term, _ = epo_regularizer(h, mask, reference, 1.5, config, **shared)
+        term, _ = epo_regularizer(h, mask, reference, 1.5, **config.regularizer_knobs(), **shared)
         (grad,) = torch.autograd.grad(term, x)
         total = term.detach().clone()
         if rank is not None:

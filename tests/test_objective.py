@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from float64_reference import ref_token_entropy
 from openrlhf_epo import EPOConfig
 from openrlhf_epo.core import (
     IndicatorPenaltyWarning,
@@ -15,7 +16,6 @@ from openrlhf_epo.core import (
     phase_weight,
     step_statistic,
     step_statistic_parts,
-    token_entropy,
 )
 from openrlhf_epo.core import objective as objective_module
 
@@ -82,14 +82,14 @@ def test_indicator_penalty_value_zero_gradient_and_warns_once(monkeypatch):
     h = ENTROPY.clone().requires_grad_(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        term, stats = epo_regularizer(h, MASK, 2.0, 2.0, config)
-        epo_regularizer(h, MASK, 2.0, 2.0, config)
+        term, stats = epo_regularizer(h, MASK, 2.0, 2.0, **config.regularizer_knobs())
+        epo_regularizer(h, MASK, 2.0, 2.0, **config.regularizer_knobs())
     assert sum(issubclass(w.category, IndicatorPenaltyWarning) for w in caught) == 1
     # outside the open corridor (1, 3): 1, 3, 5, 4, 6 -> P = 5/6
     assert stats["penalty"].item() == pytest.approx(5 / 6)
     # the penalty's gradient is zero: the full gradient equals the bonus-only gradient
     (with_penalty,) = torch.autograd.grad(term, h)
-    bonus_only, _ = epo_regularizer(h, MASK, None, 2.0, config)
+    bonus_only, _ = epo_regularizer(h, MASK, None, 2.0, **config.regularizer_knobs())
     (without,) = torch.autograd.grad(bonus_only, h)
     assert torch.equal(with_penalty, without)
 
@@ -101,11 +101,11 @@ def test_sign_one_gradient_step_raises_entropy():
     mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 0]])
     for preset in ("seed", "paper-sciworld", "released-code"):
         config = EPOConfig.from_preset(preset)
-        before = aggregate(token_entropy(logits), mask, config.aggregation)
-        loss, _ = epo_loss(torch.tensor(0.0), token_entropy(logits), mask, None, 0, 10, config)
+        before = aggregate(ref_token_entropy(logits), mask, config.aggregation)
+        loss, _ = epo_loss(torch.tensor(0.0), ref_token_entropy(logits), mask, None, 0, 10, config)
         (grad,) = torch.autograd.grad(loss, logits)
         stepped = (logits - 1.0 * grad).detach()
-        after = aggregate(token_entropy(stepped), mask, config.aggregation)
+        after = aggregate(ref_token_entropy(stepped), mask, config.aggregation)
         assert after > before, preset
 
 
@@ -116,16 +116,16 @@ def test_pull_back(penalty):
     logits = torch.randn(3, 5, 13, dtype=torch.float64) * 2.0
     mask = torch.ones(3, 5, dtype=torch.long)
     config = _config(penalty=penalty, lambda_entropy=1.0, alpha=1.0)
-    current = aggregate(token_entropy(logits), mask, config.aggregation).item()
+    current = aggregate(ref_token_entropy(logits), mask, config.aggregation).item()
     for reference, direction in ((current / 3.0, -1), (current * 3.0, +1)):
         x = logits.clone().requires_grad_(True)
-        h = token_entropy(x)
-        with_penalty, _ = epo_regularizer(h, mask, reference, 2.0, config)
-        bonus_only, _ = epo_regularizer(h, mask, None, 2.0, config)
+        h = ref_token_entropy(x)
+        with_penalty, _ = epo_regularizer(h, mask, reference, 2.0, **config.regularizer_knobs())
+        bonus_only, _ = epo_regularizer(h, mask, None, 2.0, **config.regularizer_knobs())
         # the penalty's own part of the objective: lambda * beta * alpha * P
         (grad,) = torch.autograd.grad(with_penalty - bonus_only, x)
         stepped = (x - 0.5 * grad).detach()
-        moved = aggregate(token_entropy(stepped), mask, config.aggregation).item() - current
+        moved = aggregate(ref_token_entropy(stepped), mask, config.aggregation).item() - current
         assert moved * direction > 0, (reference, moved)
 
 
@@ -142,7 +142,7 @@ def test_gradcheck_each_penalty(penalty, aggregation):
     )
     config = _config(penalty=penalty, aggregation=aggregation)
     for reference in (0.8, 1.6, 4.0):
-        assert torch.autograd.gradcheck(lambda t: epo_regularizer(t, mask, reference, 1.7, config)[0], (h,))
+        assert torch.autograd.gradcheck(lambda t: epo_regularizer(t, mask, reference, 1.7, **config.regularizer_knobs())[0], (h,))
 
 
 def test_per_token_reference_hinge_by_hand():
@@ -177,7 +177,7 @@ def test_shares_with_global_denominator_sum_to_the_whole(preset):
     h = (torch.rand(6, 8, dtype=torch.float64) * 3).requires_grad_(True)
     mask = (torch.rand(6, 8) > 0.3).long()
     reference = 0.9
-    whole, _ = epo_regularizer(h, mask, reference, 1.4, config)
+    whole, _ = epo_regularizer(h, mask, reference, 1.4, **config.regularizer_knobs())
     (whole_grad,) = torch.autograd.grad(whole, h)
 
     parts = step_statistic_parts(h[:3], mask[:3], config.aggregation) + step_statistic_parts(
@@ -188,7 +188,7 @@ def test_shares_with_global_denominator_sum_to_the_whole(preset):
     total = 0
     for rows in (slice(0, 3), slice(3, 6)):
         term, _ = epo_regularizer(
-            h[rows], mask[rows], reference, 1.4, config, denominator=parts[1], linearize_at=global_value
+            h[rows], mask[rows], reference, 1.4, **config.regularizer_knobs(), denominator=parts[1], linearize_at=global_value
         )
         total = total + term
     (split_grad,) = torch.autograd.grad(total, h)
@@ -198,4 +198,4 @@ def test_shares_with_global_denominator_sum_to_the_whole(preset):
 
 def test_squared_share_needs_linearization_point():
     with pytest.raises(ValueError, match="needs linearize_at"):
-        epo_regularizer(ENTROPY, MASK, 1.0, 1.0, _config(), denominator=torch.tensor(4.0))
+        epo_regularizer(ENTROPY, MASK, 1.0, 1.0, **_config().regularizer_knobs(), denominator=torch.tensor(4.0))

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from openrlhf_epo import EPOConfig
-from openrlhf_epo.core import token_entropy
 from openrlhf_epo.rank import EPORankLoss
 from openrlhf_hooks import RankContext, RankStateMismatchError
 from openrlhf_hooks import agreement as agreement_module
@@ -22,6 +21,7 @@ from openrlhf_hooks.agreement import RankAgreement
 from openrlhf_hooks.trainer import dp_all_reduce_sum
 
 from gloo import run_ranks  # tests/support
+from float64_reference import ref_token_entropy
 
 MASK = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 1, 1, 1]])
 INFO = {"global_batch_size": 4, "batch_num_tokens": 2 * int(MASK.sum()), "dp_size": 2}
@@ -29,7 +29,7 @@ INFO = {"global_batch_size": 4, "batch_num_tokens": 2 * int(MASK.sum()), "dp_siz
 
 def _entropy(rank: int, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(100 * rank + step)
-    return token_entropy(torch.randn(*MASK.shape, 5, generator=generator, dtype=torch.float64) * 2)
+    return ref_token_entropy(torch.randn(*MASK.shape, 5, generator=generator, dtype=torch.float64) * 2)
 
 
 def _steps(loss: EPORankLoss, agreement: RankAgreement, rank: int, count: int, tamper_after: int = -1) -> None:

@@ -34,7 +34,7 @@ from openrlhf.utils.agent import MultiTurnAgentExecutor
 # OpenRLHF loads this file by path, not as part of a package: make its sibling importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # parse_action and feedback_turn are part of this file's interface too (the tests call them here).
-from text_game_agent import EpisodeAgentInstance, Outcome, feedback_turn, label_fields, parse_action  # noqa: E402,F401
+from text_game_agent import EpisodeAgentInstance, GameEpisode, feedback_turn, initial_observation, label_fields, parse_action  # noqa: E402,F401
 from text_game_agent import first_turn as chatml_first_turn  # noqa: E402
 
 DEFAULT_INSTRUCTIONS = (
@@ -89,10 +89,6 @@ class TaskSpec:
         return spec
 
 
-def initial_observation(task_description: str, look: str) -> str:
-    return f"Task: {task_description.strip()}\n\n{look.strip()}"
-
-
 def is_invalid(observation: str) -> bool:
     return observation.strip().startswith(INVALID_REPLIES)
 
@@ -117,56 +113,38 @@ def terminal_reward(score: int, mode: str) -> float:
     return max(score, 0) / 100.0
 
 
-class ScienceWorldEpisode:
-    """One episode in its own JVM, synchronous: `start`, then `act` until `done`."""
+class ScienceWorldEpisode(GameEpisode):
+    """One ScienceWorld episode in its own JVM."""
 
     def __init__(self, spec: TaskSpec):
-        self.spec = spec
-        self.env = None
-        self.turns = 0
-        self.invalid_actions = 0
+        super().__init__(spec)
         self.score = 0
         self.paid = 0.0  # the sum of the rewards returned so far, as OpenRLHF adds them up
-        self.valid_actions = []
-        self.done = False
         self._rng = random.Random(f"{spec.task}/{spec.variation}")
 
-    def start(self) -> str:
+    def _reset(self) -> str:
         self.env = ScienceWorldEnv("", envStepLimit=self.spec.max_turns)
-        try:
-            self.env.load(self.spec.task, self.spec.variation, self.spec.simplifications)
-            look, info = self.env.reset()
-        except Exception:
-            self.close()
-            raise
+        self.env.load(self.spec.task, self.spec.variation, self.spec.simplifications)
+        look, info = self.env.reset()
         self.valid_actions = info["valid"]
         return initial_observation(self.env.get_task_description(), look)
 
-    def act(self, reply: str) -> Outcome:
-        if self.done:
-            raise RuntimeError("the episode is over")
-        self.turns += 1
-        action = parse_action(reply)
-        completed = False
-        if not action:
-            observation, invalid = "No action found in the reply.", True
-        elif action in BLOCKED_ACTIONS:
-            observation, invalid = f'"{action}" is not available in this episode.', True
-        else:
-            observation, _, completed, info = self.env.step(action)
-            self.score, self.valid_actions = info["score"], info["valid"]
-            invalid = is_invalid(observation)
-        if invalid:
-            self.invalid_actions += 1
-            observation = invalid_action_feedback(action, observation.strip(), self.valid_actions, self._rng)
-        self.done = completed or self.turns >= self.spec.max_turns
+    def _step(self, action: str):
+        if action in BLOCKED_ACTIONS:
+            return f'"{action}" is not available in this episode.', False, True
+        observation, _, completed, info = self.env.step(action)
+        self.score, self.valid_actions = info["score"], info["valid"]
+        return observation, completed, is_invalid(observation)
+
+    def _invalid_feedback(self, action: str, reason: str) -> str:
+        return invalid_action_feedback(action, reason, self.valid_actions, self._rng)
+
+    def _reward(self) -> float:
         # OpenRLHF may stop after this step without a `done` (context budget spent) and keeps the sum of the
         # rewards so far, so pay what was earned and not yet paid (negative when a failure takes it back).
         reward = self.earned() - self.paid
         self.paid += reward
-        if self.done:
-            self.close()
-        return Outcome(observation.strip(), reward, self.done, self.logs())
+        return reward
 
     def earned(self) -> float:
         """The episode's reward if it stopped now: the score's partial credit counts at once, success only
@@ -183,11 +161,6 @@ class ScienceWorldEpisode:
             "env_invalid_actions": float(self.invalid_actions),
             "env_turns": float(self.turns),
         }
-
-    def close(self) -> None:
-        env, self.env = self.env, None
-        if env is not None:
-            env.close()
 
 
 class AgentInstance(EpisodeAgentInstance):

@@ -73,12 +73,61 @@ def label_fields(label, known, required: str, why: str, what: str) -> dict:
     return given
 
 
+def initial_observation(task_description: str, observation: str) -> str:
+    return f"Task: {task_description.strip()}\n\n{observation.strip()}"
+
+
 @dataclass
 class Outcome:
     observation: str
     reward: float  # this step's part of the episode reward: OpenRLHF adds up the steps' parts
     done: bool
     logs: dict = field(default_factory=dict)
+
+
+class GameEpisode:
+    """One game in its own JVM, synchronous: `start`, then `act` until `done`. A game file's subclass
+    provides `_reset()` (starts `self.env`, returns the first observation), `_step(action)` (returns
+    the observation, whether the game is over, whether the action was invalid), `_invalid_feedback`,
+    `_reward()` (this step's part of the episode reward, once `done` is set) and `logs()`."""
+
+    def __init__(self, spec):
+        self.spec = spec  # has max_turns
+        self.env = None
+        self.turns = 0
+        self.invalid_actions = 0
+        self.valid_actions = []
+        self.done = False
+
+    def start(self) -> str:
+        try:
+            return self._reset()
+        except Exception:
+            self.close()
+            raise
+
+    def act(self, reply: str) -> Outcome:
+        if self.done:
+            raise RuntimeError("the episode is over")
+        self.turns += 1
+        action = parse_action(reply)
+        if action:
+            observation, completed, invalid = self._step(action)
+        else:
+            observation, completed, invalid = "No action found in the reply.", False, True
+        if invalid:
+            self.invalid_actions += 1
+            observation = self._invalid_feedback(action, observation.strip())
+        self.done = completed or self.turns >= self.spec.max_turns
+        reward = self._reward()
+        if self.done:
+            self.close()
+        return Outcome(observation.strip(), reward, self.done, self.logs())
+
+    def close(self) -> None:
+        env, self.env = self.env, None
+        if env is not None:
+            env.close()
 
 
 class EpisodeAgentInstance(AgentInstanceBase):

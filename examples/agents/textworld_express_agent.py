@@ -30,7 +30,7 @@ from openrlhf.utils.agent import MultiTurnAgentExecutor
 # OpenRLHF loads this file by path, not as part of a package: make its sibling importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # parse_action and feedback_turn are part of this file's interface too (the tests call them here).
-from text_game_agent import EpisodeAgentInstance, Outcome, feedback_turn, label_fields, parse_action  # noqa: E402,F401
+from text_game_agent import EpisodeAgentInstance, GameEpisode, feedback_turn, initial_observation, label_fields, parse_action  # noqa: E402,F401
 from text_game_agent import first_turn as chatml_first_turn  # noqa: E402
 
 DEFAULT_INSTRUCTIONS = (
@@ -74,10 +74,6 @@ class GameSpec:
         return spec
 
 
-def initial_observation(task_description: str, observation: str) -> str:
-    return f"Task: {task_description.strip()}\n\n{observation.strip()}"
-
-
 def is_invalid(observation: str) -> bool:
     return observation.strip().startswith(INVALID_REPLY)
 
@@ -92,50 +88,31 @@ def invalid_action_feedback(action: str, reason: str, valid_actions) -> str:
     )
 
 
-class TextWorldExpressEpisode:
-    """One game in its own JVM, synchronous: `start`, then `act` until `done`."""
+class TextWorldExpressEpisode(GameEpisode):
+    """One TextWorld-Express game in its own JVM."""
 
     def __init__(self, spec: GameSpec):
-        self.spec = spec
-        self.env = None
-        self.turns = 0
-        self.invalid_actions = 0
+        super().__init__(spec)
         self.won = False
-        self.valid_actions = []
-        self.done = False
 
-    def start(self) -> str:
+    def _reset(self) -> str:
         self.env = TextWorldExpressEnv(envStepLimit=self.spec.max_turns)
-        try:
-            observation, info = self.env.reset(
-                seed=self.spec.seed, gameFold=self.spec.fold, gameName=self.spec.game, gameParams=self.spec.params
-            )
-        except Exception:
-            self.close()
-            raise
+        observation, info = self.env.reset(
+            seed=self.spec.seed, gameFold=self.spec.fold, gameName=self.spec.game, gameParams=self.spec.params
+        )
         self.valid_actions = info["validActions"]
         return initial_observation(info["taskDescription"], observation)
 
-    def act(self, reply: str) -> Outcome:
-        if self.done:
-            raise RuntimeError("the episode is over")
-        self.turns += 1
-        action = parse_action(reply)
-        completed = False
-        if action:
-            observation, _, completed, info = self.env.step(action)
-            self.won, self.valid_actions = bool(info["tasksuccess"]), info["validActions"]
-            invalid = is_invalid(observation)
-        else:
-            observation, invalid = "No action found in the reply.", True
-        if invalid:
-            self.invalid_actions += 1
-            observation = invalid_action_feedback(action, observation.strip(), self.valid_actions)
-        self.done = completed or self.turns >= self.spec.max_turns
-        reward = float(self.won) if self.done else 0.0
-        if self.done:
-            self.close()
-        return Outcome(observation.strip(), reward, self.done, self.logs())
+    def _step(self, action: str):
+        observation, _, completed, info = self.env.step(action)
+        self.won, self.valid_actions = bool(info["tasksuccess"]), info["validActions"]
+        return observation, completed, is_invalid(observation)
+
+    def _invalid_feedback(self, action: str, reason: str) -> str:
+        return invalid_action_feedback(action, reason, self.valid_actions)
+
+    def _reward(self) -> float:
+        return float(self.won) if self.done else 0.0
 
     def logs(self) -> dict:
         # Same keys on every step: OpenRLHF keeps the last step's and batches them across episodes.
@@ -144,11 +121,6 @@ class TextWorldExpressEpisode:
             "env_invalid_actions": float(self.invalid_actions),
             "env_turns": float(self.turns),
         }
-
-    def close(self) -> None:
-        env, self.env = self.env, None
-        if env is not None:
-            env.close()
 
 
 class AgentInstance(EpisodeAgentInstance):

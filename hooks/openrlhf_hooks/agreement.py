@@ -22,7 +22,8 @@ import torch
 from .api import PluginError, RankContext, RankLoss, RankStateMismatchError
 
 
-def _plain(value: Any) -> Any:
+def tensor_as_list(value: Any) -> Any:
+    """json.dumps' default for plain state: tensors count by their values; anything else is refused."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not plain data")
@@ -34,7 +35,7 @@ def state_checksum(state: Mapping[str, Any]) -> int:
     JSON writes floats with repr, which round-trips exactly, so equal states give equal checksums;
     tensors count by their values.
     """
-    text = json.dumps(state, sort_keys=True, default=_plain)
+    text = json.dumps(state, sort_keys=True, default=tensor_as_list)
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
     return (digest >> 12) | 1
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .host_imports import PlaceholderFinder, importable
+from .host_imports import install_placeholders
 
 SETUP_HOOK = "openrlhf_hooks.cpu_mode.activate"
 WORKER_EXTENSION = "openrlhf_hooks.cpu_worker.CPUWorkerWrap"
@@ -238,10 +238,7 @@ def activate() -> None:
         return
     for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    missing = [package for package in IMPORT_ONLY_PACKAGES if not importable(package)]
-    if missing:
-        _placeholder_finder = PlaceholderFinder(missing)
-        sys.meta_path.insert(0, _placeholder_finder)
+    _placeholder_finder = install_placeholders(IMPORT_ONLY_PACKAGES)
     for replacement in REPLACEMENTS:
         module = importlib.import_module(replacement.module)
         original = getattr(module, replacement.name)

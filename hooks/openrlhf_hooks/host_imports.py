@@ -15,7 +15,7 @@ import importlib.util
 import re
 import sys
 import types
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 GPU_EXTRA = "pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
 
@@ -103,6 +103,17 @@ def importable(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         return False
+
+
+def install_placeholders(packages: Sequence[str]) -> Optional[PlaceholderFinder]:
+    """Placeholders for those of `packages` that are not installed, for the rest of this process;
+    returns the finder (to remove from sys.meta_path), or None when nothing is missing."""
+    missing = [package for package in packages if not importable(package)]
+    if not missing:
+        return None
+    finder = PlaceholderFinder(missing)
+    sys.meta_path.insert(0, finder)
+    return finder
 
 
 @contextlib.contextmanager

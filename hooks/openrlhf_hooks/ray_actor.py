@@ -16,18 +16,13 @@ import ray
 import torch
 from openrlhf.trainer.ray import ppo_actor
 
+from .agreement import tensor_as_list
 from .api import RankContext
 from .plugins import get_registry
 from .trainer import STATE_KEY, HookedTrainer, hooks_settings, install
 
 HostPolicyModelActor = ppo_actor.PolicyModelActor.__ray_actor_class__
 STATE_LOG_ENV = "OPENRLHF_HOOKS_STATE_LOG"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to the state log")
 
 
 class HookedPolicyModelActor(HostPolicyModelActor):
@@ -70,7 +65,7 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         record = {"event": event, "rank": rank, **self.hooked.state()}
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as out:
-            out.write(json.dumps(record, default=_jsonable) + "\n")
+            out.write(json.dumps(record, default=tensor_as_list) + "\n")
 
     def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
         if self.hooked is not None:

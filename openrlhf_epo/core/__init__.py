@@ -1,11 +1,11 @@
 """Pure-torch EPO math (docs/spec.md). No OpenRLHF, Ray, DeepSpeed or pluggy import here."""
 
 from .aggregation import aggregate, aggregate_parts, aggregation_weights, turn_ids, turn_sums
-from .entropy import token_entropy
 from .history import MAX_TURNS, EntropyHistory, PerTurnEntropyHistory
 from .objective import (
     IndicatorPenaltyWarning,
     StepStatistic,
+    corridor,
     epo_loss,
     epo_regularizer,
     phase_weight,
@@ -23,13 +23,13 @@ __all__ = [
     "aggregate",
     "aggregate_parts",
     "aggregation_weights",
+    "corridor",
     "epo_loss",
     "epo_regularizer",
     "phase_weight",
     "squared_penalty",
     "step_statistic",
     "step_statistic_parts",
-    "token_entropy",
     "turn_ids",
     "turn_sums",
 ]

@@ -14,7 +14,6 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from ..config import EPOConfig
 from .aggregation import aggregate_parts, aggregation_weights, turn_sums
 from .history import MAX_TURNS
 
@@ -50,6 +49,11 @@ def phase_weight(step: int, total_steps: int, gamma: float, mid_fraction: float)
     return 1.0 + math.exp(-gamma * step / k_mid)
 
 
+def corridor(reference, kappa_left: float, kappa_right: float):
+    """The corridor [kappa_l * ref, kappa_r * ref] around a reference (a float or a per-token tensor)."""
+    return kappa_left * reference, kappa_right * reference
+
+
 def squared_penalty(value, lower, upper):
     """P = (lower - v)^2 below the corridor, (v - upper)^2 above it, 0 inside (spec section 3);
     v a tensor or a float (then a float)."""
@@ -63,8 +67,13 @@ def epo_regularizer(
     action_mask: torch.Tensor,
     reference: Reference,
     beta: float,
-    config: EPOConfig,
     *,
+    lambda_entropy: float,
+    alpha: float,
+    kappa_left: float,
+    kappa_right: float,
+    penalty: str,
+    aggregation: str,
     denominator: Optional[torch.Tensor] = None,
     linearize_at: Optional[float] = None,
 ):
@@ -72,6 +81,8 @@ def epo_regularizer(
 
     entropy: [B, T] token entropies H (with gradient); action_mask: [B, T] 0/1.
     reference: None (warm-up: no penalty), a float, or a per-token float tensor [B, T] (per-turn).
+    lambda_entropy, alpha, kappa_left, kappa_right, penalty, aggregation: the EPOConfig knobs of the
+        same names (EPOConfig.regularizer_knobs() gives them as keywords).
     denominator: the global aggregation denominator when this batch is one share of a larger one
         (all ranks, all micro-batches); the shares' terms then sum to the global term. None: this
         batch is the whole batch.
@@ -85,15 +96,14 @@ def epo_regularizer(
         raise ValueError(
             f"entropy shape {tuple(entropy.shape)} and action_mask shape {tuple(action_mask.shape)} disagree"
         )
-    mode = config.aggregation
-    weights, local_den = aggregation_weights(action_mask, mode, entropy.dtype)
+    weights, local_den = aggregation_weights(action_mask, aggregation, entropy.dtype)
     den = local_den if denominator is None else torch.as_tensor(denominator, dtype=entropy.dtype)
     den = den.detach().clamp(min=1.0)  # no action token anywhere: every sum below is 0
     bonus = (weights * entropy).sum() / den
     stats = {"entropy": bonus.detach(), "den": local_den.detach(), "tokens": action_mask.sum().detach()}
 
     if reference is None:
-        penalty = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+        value = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
         stats["in_corridor_tokens"] = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
     else:
         if isinstance(reference, torch.Tensor) and reference.dim() > 0:
@@ -102,38 +112,37 @@ def epo_regularizer(
                     f"per-token reference shape {tuple(reference.shape)} and entropy shape "
                     f"{tuple(entropy.shape)} disagree"
                 )
-            if config.penalty == "squared":
+            if penalty == "squared":
                 raise ValueError("a per-token reference needs a per-token penalty (hinge or indicator)")
             ref = reference.detach().to(entropy.dtype)
         else:
             ref = float(reference)
-        lower = config.kappa_left * ref
-        upper = config.kappa_right * ref
+        lower, upper = corridor(ref, kappa_left, kappa_right)
         h = entropy.detach()
         inside = ((h >= lower) & (h <= upper)).to(entropy.dtype) * action_mask.to(entropy.dtype)
         stats["in_corridor_tokens"] = inside.sum()
 
-        if config.penalty == "squared":
+        if penalty == "squared":
             if denominator is None:
-                penalty = squared_penalty(bonus, lower, upper)
+                value = squared_penalty(bonus, lower, upper)
             elif linearize_at is None:
                 raise ValueError("the squared penalty on a share of the batch needs linearize_at (the global L_H)")
             else:
                 at = torch.tensor(float(linearize_at), dtype=entropy.dtype, device=entropy.device)
                 slope = 2.0 * torch.relu(at - upper) - 2.0 * torch.relu(lower - at)
                 share = local_den.detach() / den
-                penalty = squared_penalty(at, lower, upper) * share + slope * (bonus - at * share)
+                value = squared_penalty(at, lower, upper) * share + slope * (bonus - at * share)
         else:
-            if config.penalty == "hinge":
+            if penalty == "hinge":
                 per_token = torch.relu(lower - entropy) + torch.relu(entropy - upper)
             else:
                 warn_indicator_once()
                 per_token = ((h <= lower) | (h >= upper)).to(entropy.dtype)
             penalty_num = (weights * per_token).sum()
             stats["penalty_num"] = penalty_num.detach()
-            penalty = penalty_num / den
-    stats["penalty"] = penalty.detach()
-    term = -config.lambda_entropy * (bonus - beta * config.alpha * penalty)
+            value = penalty_num / den
+    stats["penalty"] = value.detach()
+    term = -lambda_entropy * (bonus - beta * alpha * value)
     return term, stats
 
 
@@ -153,13 +162,13 @@ def epo_loss(
     reference: Reference,
     step: int,
     total_steps: Optional[int],
-    config: EPOConfig,
+    config,
 ):
     """L_EPO for one process holding the whole batch (spec section 5).
 
     policy_loss: 0-d tensor from the host; entropy: [B, T] with gradient; action_mask: [B, T].
     reference: None (no penalty), a float, or a per-token tensor [B, T]; step: k (0-based);
-    total_steps: K (None: config.total_steps).
+    total_steps: K (None: config.total_steps); config: an EPOConfig.
     Returns (loss, metrics) with metrics a dict of floats: entropy (L_H), reference, lower, upper,
     penalty (P), beta, in_corridor (fraction of action tokens with lower <= H <= upper), policy_loss,
     loss. Fields that do not apply (no reference yet) are nan.
@@ -168,15 +177,16 @@ def epo_loss(
     if total is None:
         raise ValueError("total_steps is unknown: pass it or set epo.total_steps")
     beta = phase_weight(step, total, config.gamma, config.mid_fraction)
-    term, stats = epo_regularizer(entropy, action_mask, reference, beta, config)
+    term, stats = epo_regularizer(entropy, action_mask, reference, beta, **config.regularizer_knobs())
     loss = policy_loss + term
     ref = _scalar_reference(reference, action_mask, config.aggregation)
     tokens = float(stats["tokens"])
+    lower, upper = corridor(ref, config.kappa_left, config.kappa_right)
     metrics = {
         "entropy": float(stats["entropy"]),
         "reference": ref,
-        "lower": config.kappa_left * ref,
-        "upper": config.kappa_right * ref,
+        "lower": lower,
+        "upper": upper,
         "penalty": float(stats["penalty"]),
         "beta": beta,
         "in_corridor": float(stats["in_corridor_tokens"]) / tokens if reference is not None and tokens else math.nan,

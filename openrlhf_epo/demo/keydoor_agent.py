@@ -22,8 +22,8 @@ import torch
 from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
 
 from openrlhf_epo.demo.env import KeyDoorConfig, KeyDoorEnv
+from openrlhf_hooks.testing.tiny_model import IM_END, IM_START
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 LABEL_KEYS = ("seed", "rooms", "max_turns")
 
 

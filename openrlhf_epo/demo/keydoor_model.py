@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from openrlhf_hooks.testing.tiny_model import build_model
+from openrlhf_hooks.testing.tiny_model import END_OF_TEXT, IM_END, IM_START, build_model
 
 from .env import ACTIONS, vocabulary
 
-IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 ACTION_PROBABILITY = 0.23
 STOP_AT_REPLY_START = 1e-6
 STOP_AFTER_TOKEN = 0.9

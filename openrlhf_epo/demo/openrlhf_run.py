@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from openrlhf_epo.io import atomic_write_text
+from openrlhf_epo.demo.io import atomic_write_text
 
 METRIC_FIELDS = (
     "step", "success_rate", "mean_return", "entropy", "epo_entropy", "reference", "lower", "upper",

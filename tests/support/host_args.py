@@ -1,7 +1,8 @@
 """The host's real args for a CPU test: OpenRLHF's own parser and validation, through our launcher.
 
-`host_args(argv)` runs `python -m openrlhf_hooks.train_ppo_ray argv` up to the point where train()
-would start Ray, and returns the host's hierarchized args with the plugin settings attached.
+`host_args(argv)` (openrlhf_hooks.testing's) runs `python -m openrlhf_hooks.train_ppo_ray argv` up to
+the point where train() would start Ray, and returns the host's hierarchized args with the plugin
+settings attached, the plugin's check_host passed.
 """
 
 import os
@@ -12,29 +13,7 @@ import stand_ins  # noqa: E402
 
 stand_ins.install()
 
-from openrlhf_hooks.plugins import get_registry  # noqa: E402
-from openrlhf_hooks.train_ppo_ray import ARGS_KEY, resolve, run_host  # noqa: E402
-
-
-class _Stop(Exception):
-    pass
-
-
-def host_args(argv):
-    settings, _, rest = resolve(argv, get_registry())
-    captured = {}
-
-    def on_args_ready(args):
-        if settings is not None:
-            setattr(args, ARGS_KEY, settings)
-        captured["args"] = args
-        raise _Stop
-
-    try:
-        run_host(rest, on_args_ready)
-    except _Stop:
-        pass
-    return captured["args"]
+from openrlhf_hooks.testing import host_args  # noqa: E402,F401  (re-exported for the tests)
 
 
 def tiny_host_flags(model_dir, world_size, *extra):
