@@ -41,6 +41,14 @@ def plot_out(out: Path) -> list[Path]:
             axis.set_visible(False)
         return figure, grid.flat, grid[:, 0]
 
+    def finish(figure, first_column, title: str, ylabel: str, path: Path) -> None:
+        figure.suptitle(title, fontsize=10)
+        for axis in first_column:
+            axis.set_ylabel(ylabel)
+        first_column[0].legend(fontsize=8)
+        _save(figure, path)
+        plt.close(figure)
+
     figure, axes, first_column = panels()
     for axis, (name, runs) in zip(axes, variants.items()):
         for i, run in enumerate(runs):
@@ -57,16 +65,14 @@ def plot_out(out: Path) -> list[Path]:
         axis.set_title(name, fontsize=10)
         axis.set_xlabel("RL step")
         axis.grid(alpha=0.3)
-    figure.suptitle(
-        "policy entropy per RL step, token mean (solid); EPO's L_H (dashed) and its corridor [lower, upper] (shaded)",
-        fontsize=10,
-    )
-    for axis in first_column:
-        axis.set_ylabel("policy entropy (nats)")
-    first_column[0].legend(fontsize=8)
     entropy_png = out / "entropy.png"
-    _save(figure, entropy_png)
-    plt.close(figure)
+    finish(
+        figure,
+        first_column,
+        "policy entropy per RL step, token mean (solid); EPO's L_H (dashed) and its corridor [lower, upper] (shaded)",
+        "policy entropy (nats)",
+        entropy_png,
+    )
 
     figure, axes, first_column = panels()
     for axis, (name, runs) in zip(axes, variants.items()):
@@ -79,13 +85,8 @@ def plot_out(out: Path) -> list[Path]:
         axis.set_xlabel("RL step")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
-    figure.suptitle(f"success rate per RL step (faint: per step; bold: {SMOOTHING}-step mean)", fontsize=10)
-    for axis in first_column:
-        axis.set_ylabel("success rate")
-    first_column[0].legend(fontsize=8)
     success_png = out / "success.png"
-    _save(figure, success_png)
-    plt.close(figure)
+    finish(figure, first_column, f"success rate per RL step (faint: per step; bold: {SMOOTHING}-step mean)", "success rate", success_png)
 
     summary = summarise(variants)
     atomic_write_json(out / "summary.json", summary)

