@@ -30,21 +30,27 @@ CUDA-only calls are replaced by CPU mode's REPLACEMENTS (hooks/openrlhf_hooks/cp
 """
 
 
-from .check import NormalisationReport, check_normalisation, relative_difference
-from .fixed_batch import rank_experience, sample_batch
-from .ranks import build_rank, host_args, record_gradients, train_float32, train_ranks
-from .tiny_model import tiny_qwen2
+import importlib
 
-__all__ = [
-    "NormalisationReport",
-    "build_rank",
-    "check_normalisation",
-    "host_args",
-    "rank_experience",
-    "record_gradients",
-    "relative_difference",
-    "sample_batch",
-    "tiny_qwen2",
-    "train_float32",
-    "train_ranks",
-]
+# Loaded on first use, so that `python -m openrlhf_hooks.testing.tiny_model` does not import its own
+# module twice (once through this package, once as __main__).
+_EXPORTS = {
+    "NormalisationReport": "check",
+    "check_normalisation": "check",
+    "relative_difference": "check",
+    "rank_experience": "fixed_batch",
+    "sample_batch": "fixed_batch",
+    "build_rank": "ranks",
+    "host_args": "ranks",
+    "record_gradients": "ranks",
+    "train_float32": "ranks",
+    "train_ranks": "ranks",
+    "tiny_qwen2": "tiny_model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
