@@ -1,4 +1,4 @@
-"""EPO configuration: the knobs of docs/spec.md, its four presets, and their validation."""
+"""EPO configuration: the knobs of docs/spec.md, its presets, and their validation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 AGGREGATIONS = ("trajectory", "token")
 PENALTIES = ("squared", "hinge", "indicator")
 REFERENCES = ("global", "per_turn")
+DEFAULT_PRESET = "paper-sciworld"  # what the authors published and ran (docs/spec.md section 6)
 REGULARIZER_KNOBS = ("lambda_entropy", "alpha", "kappa_left", "kappa_right", "penalty", "aggregation")
 
 
@@ -31,21 +32,21 @@ def knob(default: Any, help: str, kind: str, none_word: Optional[str] = None) ->
 
 @dataclass
 class EPOConfig:
-    """All EPO knobs (docs/spec.md section 6), each with its flag help. The defaults are the `seed`
-    preset. `--epo.<field> VALUE` sets one; `validate()` holds the allowed ranges."""
+    """All EPO knobs (docs/spec.md section 6), each with its flag help. The defaults are the
+    DEFAULT_PRESET, `paper-sciworld`. `--epo.<field> VALUE` sets one; `validate()` holds the allowed ranges."""
 
-    lambda_entropy: float = knob(0.1, "strength of the entropy term (spec: lambda)", "float")
-    alpha: float = knob(0.1, "weight of the smoothing penalty inside the entropy term", "float")
-    kappa_left: float = knob(0.5, "corridor lower bound = kappa_left * reference, in [0, 1]", "float")
-    kappa_right: float = knob(1.5, "corridor upper bound = kappa_right * reference, >= 1", "float")
-    gamma: float = knob(1.0, "phase-weight decay: beta_k = 1 + exp(-gamma * k / k_mid)", "float")
-    mid_fraction: float = knob(0.6, "k_mid = round(mid_fraction * K), in (0, 1]", "float")
+    lambda_entropy: float = knob(0.001, "strength of the entropy term (spec: lambda)", "float")
+    alpha: float = knob(0.05, "weight of the smoothing penalty inside the entropy term (0: bonus only)", "float")
+    kappa_left: float = knob(0.0, "corridor lower bound = kappa_left * reference, in [0, 1]", "float")
+    kappa_right: float = knob(2.0, "corridor upper bound = kappa_right * reference, >= 1", "float")
+    gamma: float = knob(3.0, "phase-weight decay: beta_k = 1 + exp(-gamma * k / k_mid)", "float")
+    mid_fraction: float = knob(0.5, "k_mid = round(mid_fraction * K), in (0, 1]", "float")
     window_size: Optional[int] = knob(
-        20, "reference = mean of the last N step entropies, or 'cumulative' (all of them)", "int", none_word="cumulative"
+        None, "reference = mean of the last N step entropies, or 'cumulative' (all of them)", "int", none_word="cumulative"
     )
-    warmup: int = knob(5, "no smoothing penalty until the history holds this many steps", "int")
+    warmup: int = knob(1, "no smoothing penalty until the history holds this many steps", "int")
     aggregation: str = knob("trajectory", "entropy aggregation: " + " | ".join(AGGREGATIONS), "choice")
-    penalty: str = knob("squared", "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)", "choice")
+    penalty: str = knob("hinge", "smoothing penalty: " + " | ".join(PENALTIES) + " (indicator adds no gradient)", "choice")
     reference: str = knob("global", "reference entropy: " + " | ".join(REFERENCES), "choice")
     total_steps: Optional[int] = knob(
         None, "K, the run's RL steps (default 'auto': derived from the host's arguments)", "int", none_word="auto"
@@ -61,7 +62,7 @@ class EPOConfig:
         self.validate()
 
     @classmethod
-    def from_preset(cls, name: str = "seed", **overrides: Any) -> "EPOConfig":
+    def from_preset(cls, name: str = DEFAULT_PRESET, **overrides: Any) -> "EPOConfig":
         """The preset `name` with some fields overridden one by one; validated."""
         if name not in PRESETS:
             raise EPOConfigError("preset", name, f"allowed presets are {', '.join(PRESETS)}")
@@ -185,4 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-sciworld": dict(_PAPER, alpha=0.05, aggregation="trajectory", penalty="hinge", reference="global"),
     "paper-alfworld": dict(_PAPER, alpha=0.1, aggregation="trajectory", penalty="hinge", reference="global"),
     "released-code": dict(_PAPER, alpha=0.05, aggregation="token", penalty="indicator", reference="per_turn"),
+    # this project's own: the paper's knobs, the corridor its text recommends, and alpha large enough
+    # that the hinge pulls entropy back from above at every step (docs/spec.md section 8)
+    "two-sided": dict(_PAPER, alpha=2.0, kappa_left=0.5, kappa_right=1.5, aggregation="trajectory", penalty="hinge", reference="global"),
 }

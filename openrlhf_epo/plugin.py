@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import yaml
@@ -16,8 +16,8 @@ from openrlhf_hooks.api import LossPlugin, PluginConfigError, RankContext, Rollo
 from openrlhf_hooks.hookspecs import hookimpl
 
 from . import __version__
-from .config import PRESETS, EPOConfig, EPOConfigError, field_help, field_names, parse_field
-from .core import turn_ids
+from .config import DEFAULT_PRESET, PRESETS, EPOConfig, EPOConfigError, field_help, field_names, parse_field
+from .core import corridor_strength, turn_ids
 from .core.objective import IndicatorPenaltyWarning
 from .rank import EPORankLoss
 
@@ -63,7 +63,7 @@ def resolve_epo_config(flags: Mapping[str, Any]) -> EPOConfig:
         if preset not in PRESETS:
             raise PluginConfigError(f"--epo.preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}")
     else:
-        preset = file_preset or "seed"
+        preset = file_preset or DEFAULT_PRESET
         if not isinstance(preset, str) or preset not in PRESETS:
             raise PluginConfigError(
                 f"--epo.config={path!r}: preset={preset!r} is invalid: allowed presets are {', '.join(PRESETS)}"
@@ -123,7 +123,7 @@ class EPOLossPlugin(LossPlugin):
     total_steps_knob = "total_steps"
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--epo.preset", metavar="NAME", help=f"preset: {', '.join(PRESETS)} (default: seed)")
+        group.add_argument("--epo.preset", metavar="NAME", help=f"preset: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
         group.add_argument("--epo.config", metavar="FILE.yaml", help="YAML file with `preset:` and EPO fields")
         for field in field_names():
             group.add_argument(f"--epo.{field}", metavar="VALUE", help=field_help(field))
@@ -155,6 +155,29 @@ class EPOLossPlugin(LossPlugin):
     def host_summary(self, host_args: Any) -> dict:
         return {path: _get(host_args, path) for path in _HOST_FLAGS}
 
+    def report(self, config: Mapping[str, Any], total_steps: Optional[int]) -> dict:
+        return {"corridor": _corridor(config, total_steps)}
+
+    def start_up_warnings(self, config: Mapping[str, Any], total_steps: Optional[int]) -> list[str]:
+        strength = _corridor(config, total_steps)
+        if strength["holds_from_above"]:
+            return []
+        low, high = strength["beta_alpha"]
+        if high == 0:
+            why = "alpha is 0: the bonus alone"
+        elif config["penalty"] == "hinge":
+            why = f"beta_k * alpha stays in [{low:.3g}, {high:.3g}], never above 1: above the corridor the hinge only scales the bonus by 1 - beta_k * alpha"
+        elif config["penalty"] == "squared":
+            nearest, farthest = strength["holds_beyond"]
+            where = f"{nearest:.3g} nats" if farthest is None else f"{nearest:.3g} to {farthest:.3g} nats"
+            why = f"the squared penalty's slope is 0 at the upper bound; it pulls entropy down only once L_H is {where} above it"
+        else:
+            why = "the indicator penalty has no gradient"
+        return [
+            f"the corridor does not hold entropy down from above ({why}), so at these settings EPO acts as an "
+            "entropy bonus (docs/spec.md section 8; --epo.preset two-sided holds on both sides)"
+        ]
+
     def build_rank_loss(self, host_args: Any, config: Mapping[str, Any], context: RankContext) -> EPORankLoss:
         epo = EPOConfig.from_dict(config)
         # K: --epo.total_steps when given, else the launcher's count
@@ -165,6 +188,13 @@ class EPOLossPlugin(LossPlugin):
                 "set --epo.total_steps"
             )
         return EPORankLoss(epo, dataclasses.replace(context, total_steps=int(total_steps)))
+
+
+def _corridor(config: Mapping[str, Any], total_steps: Optional[int]) -> dict:
+    """corridor_strength for a resolved config; --epo.total_steps wins over the launcher's K."""
+    if config.get("total_steps") is not None:
+        total_steps = config["total_steps"]
+    return corridor_strength(config["penalty"], config["alpha"], config["gamma"], config["mid_fraction"], total_steps)
 
 
 class TurnStatsProcessor(RolloutProcessor):

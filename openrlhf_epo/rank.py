@@ -37,6 +37,7 @@ from .core import (
     PerTurnEntropyHistory,
     corridor,
     epo_regularizer,
+    net_bonus_above,
     phase_weight,
     squared_penalty,
     step_statistic,
@@ -47,10 +48,11 @@ logger = logging.getLogger(__name__)
 
 _CORE_PARTS = 2 + 2 * MAX_TURNS
 # Sums over a step's micro-batches, all-reduced after the core's step parts in end_step:
-# penalty_num: numerator of the per-token penalty; inside/tokens: action tokens in the corridor / all;
+# penalty_num: numerator of the per-token penalty; inside/above/tokens: action tokens in the corridor /
+# above it / all;
 # dropped: micro-batches with non-finite entropy; term/term_weight: the EPO term added to the loss and
 # each micro-batch's share of its optimizer step's denominator (their ratio: the term per optimizer step).
-_SUM_NAMES = ("penalty_num", "inside", "tokens", "dropped", "term", "term_weight")
+_SUM_NAMES = ("penalty_num", "inside", "above", "tokens", "dropped", "term", "term_weight")
 
 
 class EPOHealthError(RuntimeError):
@@ -161,6 +163,7 @@ class EPORankLoss(RankLoss):
         )
         self._sums["penalty_num"] += float(stats.get("penalty_num", 0.0))
         self._sums["inside"] += float(stats["in_corridor_tokens"])
+        self._sums["above"] += float(stats["above_corridor_tokens"])
         self._sums["tokens"] += float(stats["tokens"])
         self._sums["term"] += float(term.detach())
         self._sums["term_weight"] += float(stats["den"]) / float(denominator) if denominator is not None else 1.0
@@ -225,16 +228,22 @@ class EPORankLoss(RankLoss):
         ref = self.reference
         entropy = stat.value if stat.value is not None else nan
         tokens = sums["tokens"]
+        config = self.config
         if ref is None:
-            lower = upper = penalty = in_corridor = nan
+            lower = upper = penalty = in_corridor = above = net_above = nan
         else:
-            lower, upper = corridor(ref, self.config.kappa_left, self.config.kappa_right)
+            lower, upper = corridor(ref, config.kappa_left, config.kappa_right)
             in_corridor = sums["inside"] / tokens if tokens else nan
-            if self.config.penalty == "squared":
+            # the squared penalty acts on the step's L_H, so "above" is that one scalar
+            excess = entropy - upper
+            if config.penalty == "squared":
                 applied = self._applied_penalties
                 penalty = sum(applied) / len(applied) if applied else nan
+                above = float(excess > 0) if math.isfinite(excess) else nan
             else:
                 penalty = sums["penalty_num"] / stat.den if stat.den else nan
+                above = sums["above"] / tokens if tokens else nan
+            net_above = net_bonus_above(config.lambda_entropy, config.alpha, self.beta, config.penalty, excess)
         counts = stat.turn_counts
         seen = torch.nonzero(counts > 0).flatten()
         turn_means = stat.turn_sums[seen] / counts[seen]
@@ -247,6 +256,8 @@ class EPORankLoss(RankLoss):
             "beta": self.beta,
             "loss_term": sums["term"] / sums["term_weight"] if sums["term_weight"] else nan,
             "in_corridor": in_corridor,
+            "above_corridor": above,
+            "net_bonus_above": net_above,
             "step": float(self.step),
             "turn_entropy_first": float(turn_means[0]) if len(seen) else nan,
             "turn_entropy_last": float(turn_means[-1]) if len(seen) else nan,

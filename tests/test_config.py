@@ -16,6 +16,7 @@ SPEC_TABLE = {
     "paper-sciworld": (0.001, 0.05, 0.0, 2.0, None, 1, "trajectory", "hinge", "global", 3.0, 0.5),
     "paper-alfworld": (0.001, 0.1, 0.0, 2.0, None, 1, "trajectory", "hinge", "global", 3.0, 0.5),
     "released-code": (0.001, 0.05, 0.0, 2.0, None, 1, "token", "indicator", "per_turn", 3.0, 0.5),
+    "two-sided": (0.001, 2.0, 0.5, 1.5, None, 1, "trajectory", "hinge", "global", 3.0, 0.5),
 }
 COLUMNS = (
     "lambda_entropy",
@@ -43,8 +44,8 @@ def test_presets_are_exactly_the_spec_columns():
     assert set(PRESETS) == set(SPEC_TABLE)
 
 
-def test_default_is_seed():
-    assert EPOConfig() == EPOConfig.from_preset("seed") == EPOConfig.from_preset()
+def test_default_is_paper_sciworld():
+    assert EPOConfig() == EPOConfig.from_preset("paper-sciworld") == EPOConfig.from_preset()
 
 
 def test_fields_are_the_public_api():

@@ -316,14 +316,16 @@ def test_metrics_come_from_the_host_tensorboard_files_and_a_resume_replaces_rows
 
 def test_default_comparison_and_pure_presets(tmp_path):
     default = plan(["--out", str(tmp_path / "a")])
-    assert [s.name for s in default] == ["baseline", "epo-seed"]
-    assert default[0].epo_flags is None and default[1].epo_flags == {}  # the host's default preset, seed
+    assert [s.name for s in default] == ["baseline", "epo-paper-sciworld"]
+    # the default preset, named in the run's flags so that a later default cannot change the folder's meaning
+    assert default[0].epo_flags is None and default[1].epo_flags == {"preset": "paper-sciworld"}
     named = plan(["--out", str(tmp_path / "b"), "--presets", "seed,paper-sciworld", "--seeds", "2", "--no_baseline"])
     assert [(s.name, s.seed) for s in named] == [("epo-seed", 0), ("epo-seed", 1), ("epo-paper-sciworld", 0), ("epo-paper-sciworld", 1)]
     assert named[2].epo_flags == {"preset": "paper-sciworld"}
     assert named[0].run_dir.endswith("epo-seed-s0") and named[3].model_dir.endswith("model-s1")
     tuned = plan(["--out", str(tmp_path / "c"), "--epo.lambda_entropy", "0.01"])
-    assert tuned[1].name == "epo-seed-lambda_entropy-0.01" and tuned[1].epo_flags == {"lambda_entropy": "0.01"}  # as typed, passed on as typed
+    assert tuned[1].name == "epo-paper-sciworld-lambda_entropy-0.01"
+    assert tuned[1].epo_flags == {"lambda_entropy": "0.01", "preset": "paper-sciworld"}  # as typed, passed on as typed
     from openrlhf_epo.demo.runner import QUICK
 
     quick = plan(["--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
@@ -510,8 +512,9 @@ def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
 def test_sweep_puts_the_baseline_at_lambda_zero_and_skips_unfinished_runs(tmp_path, capsys):
     """Two demo folders: a baseline, the seed preset (lambda 0.1) and a lambda override; one run stopped early."""
     rows = [{"step": s, "success_rate": 0.2, "entropy": 2.0 - 0.1 * s} for s in range(4)]
-    variants = [("a", "baseline", None, 0), ("a", "epo-seed", {}, 0), ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01"}, 0),
-                ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01"}, 1)]  # fmt: skip
+    seed = {"preset": "seed"}
+    variants = [("a", "baseline", None, 0), ("a", "epo-seed", seed, 0), ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01", **seed}, 0),
+                ("b", "epo-seed-lambda_entropy-0.01", {"lambda_entropy": "0.01", **seed}, 1)]  # fmt: skip
     for folder, name, flags, seed in variants:
         run = tmp_path / folder / f"{name}-s{seed}"
         run.mkdir(parents=True)
@@ -565,23 +568,23 @@ def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     from openrlhf_epo.demo.runner import QUICK
 
-    baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-seed-s0" / "metrics.jsonl")
+    baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-paper-sciworld-s0" / "metrics.jsonl")
     assert [r["step"] for r in baseline] == [r["step"] for r in epo] == list(range(QUICK["steps"]))
     for row in baseline + epo:
         assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and 1 <= row["turns"] <= 20
     assert all(row[k] is None for row in baseline for k in EPO_FIELDS)  # the host alone: no plugin metrics
     assert all(row["beta"] >= 1 for row in epo) and epo[-1]["lower"] < epo[-1]["reference"] < epo[-1]["upper"]
     # it was the host's loop: its launcher command, its TensorBoard files and its final model
-    for run in ("baseline-s0", "epo-seed-s0"):
+    for run in ("baseline-s0", "epo-paper-sciworld-s0"):
         log = (out / run / "train.log").read_text()
         assert "-m openrlhf_hooks.train_ppo_ray --cpu" in log and "PPOTrainer" in log
         assert list((out / run / "tensorboard").rglob("events.out.tfevents.*"))
         assert (out / run / "final" / "model.safetensors").exists()
     assert not (REPO / "ckpt").exists()  # nothing written outside --out
-    assert "--loss_plugin epo" in (out / "epo-seed-s0" / "train.log").read_text()
+    assert "--loss_plugin epo" in (out / "epo-paper-sciworld-s0" / "train.log").read_text()
     for name in ("entropy.png", "success.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| baseline | 1 | " in done.stdout and "| epo-seed | 1 | " in done.stdout
+    assert "| baseline | 1 | " in done.stdout and "| epo-paper-sciworld | 1 | " in done.stdout
 
     refused = demo(["--quick", "--out", str(out)])  # an existing --out is never overwritten without --resume
     assert refused.returncode == 2 and "already holds demo runs" in refused.stderr
@@ -597,12 +600,12 @@ def test_smollm2_runs_through_openrlhf_loop_with_epo(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     config = json.loads((out / "model-smollm2" / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["head_dim"]) == ("llama", 30, 64)
-    rows = read_rows(out / "epo-seed-s0" / "metrics.jsonl")
+    rows = read_rows(out / "epo-paper-sciworld-s0" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
     assert all(1 <= r["turns"] <= 10 and r["entropy"] > 0 and r["epo_entropy"] > 0 for r in rows)
-    log = (out / "epo-seed-s0" / "train.log").read_text()
+    log = (out / "epo-paper-sciworld-s0" / "train.log").read_text()
     assert f"--actor.model_name_or_path {out / 'model-smollm2'}" in log and "--loss_plugin epo" in log
-    assert (out / "epo-seed-s0" / "final" / "model.safetensors").exists()
+    assert (out / "epo-paper-sciworld-s0" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.e2e
@@ -611,7 +614,7 @@ def test_killed_demo_resumes_from_the_host_checkpoint(tmp_path):
     steps = 9
     out = tmp_path / "demo"
     argv = ["--out", str(out), "--no_baseline", "--steps", str(steps), "--groups", "2", "--group_size", "4", "--save_every", "2"]
-    metrics = out / "epo-seed-s0" / "metrics.jsonl"
+    metrics = out / "epo-paper-sciworld-s0" / "metrics.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--no_progress", *argv],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -633,7 +636,7 @@ def test_killed_demo_resumes_from_the_host_checkpoint(tmp_path):
     # file starts right after it, at step 3, 5, 7 or 9 (TensorBoard counts steps from 1)
     from openrlhf_epo.demo.openrlhf_run import read_event_file
 
-    files = sorted((out / "epo-seed-s0" / "tensorboard").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    files = sorted((out / "epo-paper-sciworld-s0" / "tensorboard").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     assert len(files) == 2
     assert min(read_event_file(files[-1])["train/env_success"]) in (3, 5, 7, 9)
-    assert (out / "epo-seed-s0" / "train.log").read_text().count("-m openrlhf_hooks.train_ppo_ray --cpu") == 2
+    assert (out / "epo-paper-sciworld-s0" / "train.log").read_text().count("-m openrlhf_hooks.train_ppo_ray --cpu") == 2

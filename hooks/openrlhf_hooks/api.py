@@ -135,6 +135,16 @@ class LossPlugin:
         """The host flags that matter to this plugin, for the dry run's JSON."""
         return {}
 
+    def report(self, config: Mapping[str, Any], total_steps: Optional[int]) -> dict:
+        """Entries this plugin adds to the dry run's JSON object, by key (plain data; EPO: "corridor").
+        total_steps: K as the launcher counted it (None when it did not or could not)."""
+        return {}
+
+    def start_up_warnings(self, config: Mapping[str, Any], total_steps: Optional[int]) -> list[str]:
+        """Lines the launcher prints as warnings (dry run and real run alike) once K is counted,
+        before Ray starts: what the user should know about this configuration."""
+        return []
+
     def build_rank_loss(self, host_args: Any, config: Mapping[str, Any], context: RankContext) -> RankLoss:
         """Build the rank-side loss on one training rank."""
         raise NotImplementedError

@@ -259,6 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 except PluginConfigError as exc:
                     raise LauncherError(str(exc)) from None
                 settings.update(rl_steps_settings(args, plugin, settings["config"]))
+                for line in plugin.start_up_warnings(settings["config"], settings["rl_steps"]):
+                    _warn(f"loss plugin {plugin.name}: {line}")
             if dry_run:
                 report = {
                     "loss_plugin": plugin.name if plugin else None,
@@ -269,6 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 }
                 if plugin is not None:
                     report.update(rl_steps=settings["rl_steps"], rl_steps_note=settings["rl_steps_note"])
+                    extra = plugin.report(settings["config"], settings["rl_steps"])
+                    clash = sorted(set(extra) & set(report))
+                    if clash:
+                        raise LauncherError(f"loss plugin {plugin.name}'s report() reuses the dry run's keys {clash}")
+                    report.update(extra)
                 print(json.dumps(report, sort_keys=True), file=real_stdout, flush=True)
                 raise SystemExit(0)
 

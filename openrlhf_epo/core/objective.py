@@ -54,6 +54,36 @@ def corridor(reference, kappa_left: float, kappa_right: float):
     return kappa_left * reference, kappa_right * reference
 
 
+def corridor_strength(penalty: str, alpha: float, gamma: float, mid_fraction: float, total_steps: Optional[int]) -> dict:
+    """Whether the penalty can hold entropy down from above the corridor over a run (spec section 8).
+
+    Above `upper` a token's entropy feels -lambda * w * (1 - beta_k * alpha * p'), p' the penalty's
+    slope there: the corridor pulls entropy down only where beta_k * alpha * p' > 1. Returns
+    {"holds_from_above", "beta_alpha": [min, max] over the K steps} and, for the squared penalty,
+    "holds_beyond": [1 / (2 max), 1 / (2 min)], the distance above `upper` from which it pulls down
+    (None where beta_k * alpha is 0). K unknown (None): beta_k's whole range (1, 2] stands in."""
+    if total_steps is None:
+        beta_min, beta_max = 1.0, 2.0
+    else:
+        beta_max = phase_weight(0, total_steps, gamma, mid_fraction)
+        beta_min = phase_weight(total_steps - 1, total_steps, gamma, mid_fraction)
+    low, high = beta_min * alpha, beta_max * alpha
+    report = {"holds_from_above": penalty == "hinge" and low > 1, "beta_alpha": [low, high]}
+    if penalty == "squared":
+        report["holds_beyond"] = [1 / (2 * high) if high else None, 1 / (2 * low) if low else None]
+    return report
+
+
+def net_bonus_above(lambda_entropy: float, alpha: float, beta: float, penalty: str, excess: float) -> float:
+    """lambda * (1 - beta * alpha * p'): the weight that raises entropy above the corridor (negative:
+    the penalty pulls it down there). excess: L_H - upper for the squared penalty (its slope is
+    2 * excess there, 0 inside the corridor); hinge slope 1; the indicator has none."""
+    if penalty == "squared" and not math.isfinite(excess):
+        return math.nan
+    slope = {"hinge": 1.0, "squared": 2.0 * max(0.0, excess), "indicator": 0.0}[penalty]
+    return lambda_entropy * (1.0 - beta * alpha * slope)
+
+
 def squared_penalty(value, lower, upper):
     """P = (lower - v)^2 below the corridor, (v - upper)^2 above it, 0 inside (spec section 3);
     v a tensor or a float (then a float)."""
@@ -89,7 +119,7 @@ def epo_regularizer(
     linearize_at: for the squared penalty with a `denominator`, the global detached L_H at which P is
         linearized, so that the shares' values and gradients sum to the global P and its gradient.
     Returns (term: 0-d tensor, stats: dict of detached 0-d tensors: entropy (this share of L_H),
-    den (local denominator), tokens, in_corridor_tokens, penalty (this share of P) and, for the
+    den (local denominator), tokens, in_corridor_tokens, above_corridor_tokens, penalty (this share of P) and, for the
     per-token penalties, penalty_num (the numerator of P, to add up across shares)).
     """
     if entropy.shape != action_mask.shape:
@@ -105,6 +135,7 @@ def epo_regularizer(
     if reference is None:
         value = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
         stats["in_corridor_tokens"] = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+        stats["above_corridor_tokens"] = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
     else:
         if isinstance(reference, torch.Tensor) and reference.dim() > 0:
             if reference.shape != entropy.shape:
@@ -119,8 +150,9 @@ def epo_regularizer(
             ref = float(reference)
         lower, upper = corridor(ref, kappa_left, kappa_right)
         h = entropy.detach()
-        inside = ((h >= lower) & (h <= upper)).to(entropy.dtype) * action_mask.to(entropy.dtype)
-        stats["in_corridor_tokens"] = inside.sum()
+        on = action_mask.to(entropy.dtype)
+        stats["in_corridor_tokens"] = (((h >= lower) & (h <= upper)).to(entropy.dtype) * on).sum()
+        stats["above_corridor_tokens"] = ((h > upper).to(entropy.dtype) * on).sum()
 
         if penalty == "squared":
             if denominator is None:

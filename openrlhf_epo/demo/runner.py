@@ -73,7 +73,7 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
     demo.add_argument(
         "--presets",
         default=None,
-        help="comma-separated EPO presets to compare with the baseline (default: seed, or the preset of --epo.config)",
+        help="comma-separated EPO presets to compare with the baseline (default: the default preset, paper-sciworld, or the preset of --epo.config)",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
     demo.add_argument("--nproc", type=_positive("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
@@ -133,6 +133,7 @@ def _check_env(env: dict, parser: argparse.ArgumentParser):
 def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: dict) -> list:
     """The RunSpecs of the comparison, every input validated; nothing heavy happens here."""
     from openrlhf_epo.demo.openrlhf_run import RunSpec
+    from openrlhf_epo.config import DEFAULT_PRESET
     from openrlhf_epo.plugin import load_config_file
     from openrlhf_hooks.api import PluginConfigError
     from openrlhf_hooks.train_ppo_ray import plugin_flags
@@ -153,9 +154,10 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
             plugin.resolve_config({**flags, "preset": preset})
         except PluginConfigError as exc:
             parser.error(str(exc).replace("--epo.preset", "--presets"))
-        epo_flags = {**given, **({"preset": preset} if preset is not None else {})}
         if preset is None:  # the preset the config file names, else the default
-            preset = load_config_file(flags["config"]).get("preset", "seed") if flags.get("config") else "seed"
+            preset = load_config_file(flags["config"]).get("preset", DEFAULT_PRESET) if flags.get("config") else DEFAULT_PRESET
+        # named in every run's flags, so that a later default cannot change what a run folder meant
+        epo_flags = {**given, "preset": preset}
         suffix = "".join(f"-{field}-{value}" for field, value in overridden)
         variants.append((f"epo-{preset}{suffix}", epo_flags))
     if not variants:
