@@ -8,9 +8,9 @@ OpenRLHF calls CUDA unconditionally in a few places. Every replacement is listed
 with the host's file:line and why; nothing else in the runtime stands in for a host part. They are
 applied by `activate()` in every process of the run:
   - the driver: the launcher calls it before the host's module runs;
-  - every Ray worker: the launcher adds `worker_process_setup_hook` = SETUP_HOOK to the runtime_env
-    of the host's own `ray.init` (a Ray cluster started by hand gets it the same way, because the
-    driver still calls ray.init);
+  - every Ray worker: the launcher sets OPENRLHF_HOOKS_CPU_MODE=1 and `worker_process_setup_hook` =
+    openrlhf_hooks.worker_setup.run in the runtime_env of the host's own `ray.init` (a Ray cluster
+    started by hand gets them the same way, because the driver still calls ray.init);
   - vLLM's engine-core process, which vLLM spawns itself: it needs no set-up, because the only host
     code it runs is the worker extension, replaced by name with hooks/openrlhf_hooks/cpu_worker.py.
 
@@ -31,7 +31,6 @@ import torch
 
 from .host_imports import install_placeholders
 
-SETUP_HOOK = "openrlhf_hooks.cpu_mode.activate"
 WORKER_EXTENSION = "openrlhf_hooks.cpu_worker.CPUWorkerWrap"
 
 # Environment every process of a CPU run needs (set when unset; the user's values win).
@@ -232,7 +231,7 @@ def active() -> bool:
 
 
 def activate() -> None:
-    """Apply CPU mode in this process (idempotent). Ray runs this in every worker (SETUP_HOOK)."""
+    """Apply CPU mode in this process (idempotent). Every Ray worker runs it (worker_setup.run)."""
     global _placeholder_finder
     if _originals:
         return
@@ -308,10 +307,9 @@ def placement_gpus(args: Any) -> int:
 
 
 def ray_init_kwargs(args: Any, connecting: bool) -> dict:
-    """What CPU mode adds to the host's ray.init: the setup hook always; a local node's resources
-    (GPUs it does not have, so placement groups schedule) unless connecting to a running cluster."""
-    extra: dict = {"runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
-    if not connecting:
-        gpus = placement_gpus(args)
-        extra.update(num_gpus=gpus, num_cpus=max(8, 2 * gpus), object_store_memory=RAY_OBJECT_STORE_BYTES)
-    return extra
+    """What CPU mode adds to the host's ray.init of a local node: its resources (GPUs it does not
+    have, so placement groups schedule); nothing when connecting to a running cluster."""
+    if connecting:
+        return {}
+    gpus = placement_gpus(args)
+    return {"num_gpus": gpus, "num_cpus": max(8, 2 * gpus), "object_store_memory": RAY_OBJECT_STORE_BYTES}

@@ -6,6 +6,7 @@ Accepts every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus
   --rollout_processors A,B    rollout post-processors to run on each rank's experiences
   --plugins_dry_run           run all parsing and validation, print one JSON object, exit before Ray
   --cpu                       CPU mode: OpenRLHF's loop on a machine without CUDA (hooks/openrlhf_hooks/cpu_mode.py)
+  --host_fixes A,B            opt-in fixes of OpenRLHF bugs (hooks/openrlhf_hooks/host_fixes.py)
 
 The host's own parser and validation run unchanged (its module is executed as __main__). Two
 seams are used, both in this driver process only: the host's `hierarchize` is observed to get the
@@ -28,13 +29,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import json
 import os
 import runpy
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from . import cpu_mode
+from . import cpu_mode, host_fixes, worker_setup
 from .api import PluginConfigError, PluginError
 from .host_imports import HostDependencyUnavailable, host_import_placeholders, missing_dependency_message, missing_package
 from .plugins import Registry, get_registry, worker_env
@@ -78,6 +80,13 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         help="CPU mode: run OpenRLHF's loop without CUDA (smoke runs, CI); adds "
         + ", ".join(f"{f} {v}" if v else f for f, v in cpu_mode.FLAG_DEFAULTS)
         + " when not given (module openrlhf_hooks.cpu_mode; docs/how-it-works.md, CPU mode)",
+    )
+    group.add_argument(
+        "--host_fixes",
+        metavar="A,B",
+        default="",
+        help=f"opt-in fixes of OpenRLHF 0.11.2 bugs, off by default: {', '.join(sorted(host_fixes.FIXES))} "
+        "(module openrlhf_hooks.host_fixes says what each changes)",
     )
     for name in sorted(registry.loss_plugins):
         plugin = registry.loss_plugins[name]
@@ -200,6 +209,13 @@ def run_host(
         ppo_actor.PolicyModelActor = original_actor
 
 
+def _ray_init_with_worker_setup(cpu: bool, args: Any, connecting: bool) -> dict:
+    """What the host's ray.init gets with --cpu or --host_fixes: every worker runs worker_setup.run;
+    CPU mode adds a local node's resources."""
+    extra = cpu_mode.ray_init_kwargs(args, connecting) if cpu else {}
+    return {**extra, "runtime_env": {"worker_process_setup_hook": worker_setup.HOOK}}
+
+
 def _warn(message: str) -> None:
     print(f"{PROG}: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
@@ -234,6 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_host(["--help"], lambda args: None)
             return 0
         settings, dry_run, host_argv = resolve(argv, registry)
+        try:
+            fixes = host_fixes.parse(build_parser(registry).parse_known_args(argv)[0].host_fixes)
+        except host_fixes.HostFixError as exc:
+            raise LauncherError(str(exc)) from None
         cpu = "--cpu" in argv
         if cpu:
             host_argv, added = cpu_mode.with_flag_defaults(host_argv)
@@ -268,6 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "rollout_processors": settings["rollout_processors"] if settings else [],
                     "host": plugin.host_summary(args) if plugin else {},
                     "plugins": list(registry.selected),
+                    "host_fixes": fixes,
                 }
                 if plugin is not None:
                     report.update(rl_steps=settings["rl_steps"], rl_steps_note=settings["rl_steps_note"])
@@ -284,10 +305,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         placeholders = host_import_placeholders() if dry_run else contextlib.nullcontext()
         env = worker_env(registry) if settings is not None else {}
         ray_init_options = None
-        if cpu and not dry_run:
-            cpu_mode.activate()  # in this process; Ray workers run it as their setup hook
-            env.update({name: os.environ[name] for name in cpu_mode.ENV_DEFAULTS})
-            ray_init_options = cpu_mode.ray_init_kwargs
+        if (cpu or fixes) and not dry_run:
+            # in this process now; in every Ray worker through worker_setup.run, told what to apply by env
+            if cpu:
+                cpu_mode.activate()
+                env.update({name: os.environ[name] for name in cpu_mode.ENV_DEFAULTS}, **{worker_setup.ENV_CPU_MODE: "1"})
+            if fixes:
+                host_fixes.activate(fixes)
+                env[host_fixes.ENV] = ",".join(fixes)
+            ray_init_options = functools.partial(_ray_init_with_worker_setup, cpu)
         with redirect, placeholders:
             actor_class = None
             if settings is not None and not dry_run:
