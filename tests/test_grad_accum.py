@@ -23,7 +23,7 @@ STEPS = 3
 BASE = ["--ds.zero_stage", "2", "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "2",
         "--train.batch_size", "8", "--loss_plugin", "epo"]  # fmt: skip
 PRESETS = {
-    "seed": ["--epo.warmup", "1", "--epo.window_size", "1", "--epo.kappa_left", "0.99", "--epo.kappa_right", "1.01",
+    "seed": ["--epo.preset", "seed", "--epo.warmup", "1", "--epo.window_size", "1", "--epo.kappa_left", "0.99", "--epo.kappa_right", "1.01",
              "--epo.alpha", "1000"],
     "paper-sciworld": ["--epo.preset", "paper-sciworld", "--epo.kappa_left", "0.99", "--epo.kappa_right", "1.01"],
     "per-turn": ["--epo.preset", "released-code", "--epo.penalty", "hinge", "--epo.kappa_left", "0.99",

@@ -22,7 +22,7 @@ STEPS = 3
 CASES = {
     # seed preset (trajectory aggregation, squared penalty on the global L_H), a corridor narrow
     # enough that the penalty is active from step 1
-    "zero2-seed": ["--ds.zero_stage", "2", "--loss_plugin", "epo", "--epo.warmup", "1", "--epo.window_size", "2",
+    "zero2-seed": ["--ds.zero_stage", "2", "--loss_plugin", "epo", "--epo.preset", "seed", "--epo.warmup", "1", "--epo.window_size", "2",
                    "--epo.kappa_left", "0.99999", "--epo.kappa_right", "1.0", "--epo.alpha", "1000"],
     # released-code layout (token aggregation, per-turn reference) with the paper's hinge penalty
     "zero3-per-turn-hinge": ["--ds.zero_stage", "3", "--loss_plugin", "epo", "--epo.preset", "released-code",
