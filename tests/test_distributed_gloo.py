@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from float64_reference import ref_token_entropy
 from openrlhf_epo import EPOConfig
 from openrlhf_epo.core import (
     EntropyHistory,
@@ -16,7 +17,6 @@ from openrlhf_epo.core import (
     epo_regularizer,
     step_statistic,
     step_statistic_parts,
-    token_entropy,
 )
 
 from gloo import run_ranks  # tests/support
@@ -45,7 +45,7 @@ def _run(config: EPOConfig, rank: int | None, world: int):
             rows = slice(rank * 3, rank * 3 + 3)
             logits, mask = logits[rows], mask[rows]
         x = logits.clone().requires_grad_(True)
-        h = token_entropy(x)
+        h = ref_token_entropy(x)
         parts = step_statistic_parts(h, mask, config.aggregation)
         if rank is not None:
             dist.all_reduce(parts, op=dist.ReduceOp.SUM)

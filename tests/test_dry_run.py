@@ -10,12 +10,14 @@ and a real run must stop with one line naming the package to install.
 import json
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 import no_gpu_packages
+from fake_plugins import install_fake_plugin
 from openrlhf_hooks.plugins import ENV_PLUGINS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +37,8 @@ def prompts(tmp_path):
     return path
 
 
-def launch(*argv, script=None):
-    env = {k: v for k, v in os.environ.items() if k != ENV_PLUGINS}
+def launch(*argv, script=None, env=None):
+    """The child inherits the suite's plugin selection (tests/conftest.py) unless `env` replaces it."""
     argv = no_gpu_packages.command(*argv, script=textwrap.dedent(script)) if script else no_gpu_packages.command(*argv)
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
@@ -51,7 +53,7 @@ def test_dry_run_without_vllm_and_flash_attn_reports_k(prompts, plugin):
     # 100 prompts, rollout batch 64: the host trains on 64, then on the last 36
     assert report["rl_steps"] == 2
     assert report["rl_steps_note"] == "2 RL steps (100 prompts in batches of 64 = 2 RL steps per episode x 1 episode)"
-    assert report["plugins"] == ["epo", "scaled"]
+    assert report["plugins"] == ["epo", "scaled"]  # the suite's selection, whatever else is installed
 
 
 def test_dry_run_warns_when_k_cannot_be_counted(tmp_path):
@@ -59,7 +61,8 @@ def test_dry_run_warns_when_k_cannot_be_counted(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["rl_steps"] is None
-    warning = [line for line in done.stderr.splitlines() if "warning:" in line]
+    # the warning about K (the default preset's corridor warning has its own tests: test_corridor_holds.py)
+    warning = [line for line in done.stderr.splitlines() if "warning:" in line and "the corridor" not in line]
     assert len(warning) == 1 and "cannot count the prompts of --data.prompt_dataset=" in warning[0]
     assert warning[0].endswith("set --epo.total_steps to the number of RL steps")
 
@@ -73,7 +76,7 @@ def test_help_without_vllm_and_flash_attn():
 
 SAME_PROCESS = """
     import sys, json
-    from openrlhf_hooks import train_ppo_ray as launcher
+    from openrlhf_hooks import host_imports, train_ppo_ray as launcher
 
     flags = sys.argv[1:]
     for _ in range(2):  # twice: the placeholders come back for the second dry run
@@ -84,7 +87,7 @@ SAME_PROCESS = """
     left = sorted(n for n in sys.modules if n.split(".")[0] in ("vllm", "flash_attn", "openrlhf"))
     holders = sorted(name for name, module in list(sys.modules.items())
                      for value in list(getattr(module, "__dict__", {}).values())
-                     if isinstance(value, (launcher._Placeholder, launcher._PlaceholderModule)))
+                     if isinstance(value, (host_imports._Placeholder, host_imports._PlaceholderModule)))
     with launcher.host_import_placeholders():
         import vllm
         try:
@@ -118,3 +121,56 @@ def test_real_run_without_vllm_is_one_line_and_exit_2(prompts):
         PREFIX + "OpenRLHF needs the package 'vllm', which is not installed here: pip install 'openrlhf[vllm]==0.11.2'; "
         "or pip install 'openrlhf-hooks[gpu]' installs OpenRLHF 0.11.2 with vllm and flash-attn"
     ]
+
+
+EXTRA_PLUGIN = """
+    from openrlhf_hooks import LossPlugin, hookimpl
+
+    class ExtraPlugin(LossPlugin):
+        name, version = "extra", "9.9"
+
+        def add_arguments(self, group):
+            group.add_argument("--extra.knob", metavar="X")
+
+    @hookimpl
+    def register_loss_plugins(register):
+        register(ExtraPlugin())
+"""
+
+
+def listed_loss_plugins(env):
+    """{name: version} of the loss plugins `openrlhf-hooks list` prints, in its order."""
+    done = subprocess.run([sys.executable, "-m", "openrlhf_hooks.cli", "list"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.split("rollout processors:")[0].splitlines()
+    assert lines[0] == "loss plugins:", done.stdout
+    return dict(line.split()[:2] for line in lines[1:])
+
+
+def test_a_plugin_installed_beside_the_suite_is_left_out_by_its_selection(prompts, tmp_path):
+    """docs/plugins.md has an author pip-install their plugin into this environment: the suite's
+    selection keeps the launcher and `openrlhf-hooks list` to EPO and the test plugin. The extra
+    plugin is a real installed distribution (a *.dist-info with its entry point) on PYTHONPATH, and
+    without the selection both find it, so this test would see a selection that was not applied."""
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_plugin(site, "openrlhf-extra-loss", {"extra": "openrlhf_extra_loss"}, {"openrlhf_extra_loss": EXTRA_PLUGIN})
+    selected = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    assert selected[ENV_PLUGINS] == "epo,scaled"  # inherited from tests/conftest.py
+    everything = {k: v for k, v in selected.items() if k != ENV_PLUGINS}
+
+    done = launch(*host_flags(prompts), "--loss_plugin", "scaled", "--plugins_dry_run", env=selected)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["plugins"] == ["epo", "scaled"]
+    assert list(listed_loss_plugins(selected)) == ["epo", "scaled"]
+
+    done = launch(*host_flags(prompts), "--loss_plugin", "extra", "--plugins_dry_run", env=everything)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["loss_plugin"] == "extra" and {"epo", "extra", "scaled"} <= set(report["plugins"])
+    listed = listed_loss_plugins(everything)
+    assert listed["extra"] == "9.9" and {"epo", "scaled"} <= set(listed)
+    # selected by name, the extra plugin is refused while the suite's selection holds
+    done = launch(*host_flags(prompts), "--loss_plugin", "extra", "--plugins_dry_run", env=selected)
+    assert done.returncode == 2 and "unknown loss plugin 'extra'; installed loss plugins: epo, scaled" in done.stderr

@@ -118,7 +118,8 @@ GRPO_FLAGS = ["--epo.total_steps", "6", "--logger.logging_steps", "1", "--actor.
 @pytest.mark.e2e
 def test_grpo_example_two_ranks_zero2_then_resume(tiny_model, tmp_path):
     """examples/train_grpo_epo_agent_ray.sh --cpu on TextWorld-Express: 2 DeepSpeed ranks (ZeRO-2),
-    a reference model, 2 vLLM engines, all colocated; 3 RL steps, then the same command resumed for 3 more."""
+    a reference model, 2 vLLM engines, all colocated, EPO and the turn_stats rollout processor; 3 RL
+    steps, then the same command resumed for 3 more."""
     env = {**grpo_env(tiny_model, tmp_path), "OPENRLHF_HOOKS_STATE_LOG": str(tmp_path / "state1")}
     common = GRPO_FLAGS
     run_example("train_grpo_epo_agent_ray.sh", tmp_path / "run1.log", env, *common,
@@ -130,6 +131,15 @@ def test_grpo_example_two_ranks_zero2_then_resume(tiny_model, tmp_path):
     for tag in ("entropy", "beta", "loss_term", "turn_entropy_first", "turns_max"):
         assert len(values(tb, f"train/epo/{tag}")) == 3 and all(map(math.isfinite, values(tb, f"train/epo/{tag}")))
     assert values(tb, "train/epo/turns_max")[0] > 1  # multi-turn episodes
+
+    # the rollout processor ran in the real loop: the example passes --rollout_processors turn_stats,
+    # whose process() adds info["turns"] (agent turns per sample, from the action mask) on each rank
+    # before the replay buffer; the host logs every info entry as train/<key>. Neither the host nor
+    # the agent (it logs env_turns) writes "turns": without process() the tag is missing.
+    turns = values(tb, "train/turns")
+    assert len(turns) == 3 and all(1 <= t <= most for t, most in zip(turns, values(tb, "train/epo/turns_max"))), turns
+    # one action run per agent step: the same mean as the agent's own count (measured: 3, 3, 1.25)
+    assert turns == pytest.approx(values(tb, "train/env_turns"), abs=1e-6)
 
     # every rank holds the same EPO state after every step
     logs = state_log(tmp_path / "state1")

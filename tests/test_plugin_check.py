@@ -64,7 +64,9 @@ def site(tmp_path_factory):
 
 
 def run(site, *argv, timeout=900):
-    env = {k: v for k, v in os.environ.items() if k != ENV_PLUGINS}
+    # exactly the two plugins under test, whatever else this environment has installed (EPO, or the
+    # example itself pip-installed beside this project: same entry point, same module, no conflict)
+    env = {**os.environ, ENV_PLUGINS: "entropy_bonus,plain_mean"}
     env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -12,9 +12,24 @@ from openrlhf_hooks.plugins import ENV_PLUGINS
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
+    """Discovery itself: the suite's selection (tests/conftest.py) is removed, so every installed
+    entry point loads, which may include plugins installed beside this project: assert only on
+    the suite's own plugins and on those installed here."""
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(ENV_PLUGINS, raising=False)
     return tmp_path
+
+
+EXTRA = """
+    from openrlhf_hooks import LossPlugin, hookimpl
+
+    class Extra(LossPlugin):
+        name, version = "extra", "0.1"
+
+    @hookimpl
+    def register_loss_plugins(register):
+        register(Extra())
+"""
 
 
 def test_epo_and_third_party_are_found_through_entry_points(site):
@@ -116,18 +131,32 @@ def test_registering_something_that_is_not_a_plugin(site):
         load_plugins()
 
 
-def test_unknown_loss_plugin_names_the_installed_ones(site):
-    with pytest.raises(PluginError, match=r"unknown loss plugin 'ep0'; installed loss plugins: epo, scaled"):
+def test_unknown_loss_plugin_names_the_loaded_ones(site, monkeypatch):
+    # the message lists the loss plugins this process loaded: here the selection, not an extra
+    # plugin that is installed but left out of it
+    install_fake_plugin(site, "extraplug", {"extra": "extra_module"}, {"extra_module": EXTRA})
+    monkeypatch.setenv(ENV_PLUGINS, "epo,scaled")
+    with pytest.raises(PluginError, match=r"unknown loss plugin 'ep0'; installed loss plugins: epo, scaled$"):
+        load_plugins().loss_plugin("ep0")
+    monkeypatch.setenv(ENV_PLUGINS, "extra,scaled")
+    with pytest.raises(PluginError, match=r"unknown loss plugin 'ep0'; installed loss plugins: extra, scaled$"):
         load_plugins().loss_plugin("ep0")
 
 
 def test_worker_env_names_exactly_what_this_process_loaded(site, monkeypatch):
     from openrlhf_hooks.plugins import worker_env
 
-    registry = load_plugins()  # unset: every installed entry point
-    assert registry.selected == ("epo", "scaled")
+    install_fake_plugin(site, "extraplug", {"extra": "extra_module"}, {"extra_module": EXTRA})
     environ = {"OPENRLHF_HOOKS_TRACE": "1", "OPENRLHF_EPO_KERNEL": "torch", "OPENRLHF_SCALED_X": "2",
                "OPENRLHF_OTHER_Y": "3", "HOME": "/root"}  # fmt: skip
+    # unset: every installed entry point, in name order (whatever else this environment holds), and
+    # the workers are told that list by name
+    everything = load_plugins()
+    assert {"epo", "extra", "scaled"} <= set(everything.selected) and list(everything.selected) == sorted(everything.selected)
+    assert worker_env(everything, environ)[ENV_PLUGINS] == ",".join(everything.selected)
+    monkeypatch.setenv(ENV_PLUGINS, "epo,scaled")
+    registry = load_plugins()
+    assert registry.selected == ("epo", "scaled")
     assert worker_env(registry, environ) == {
         ENV_PLUGINS: "epo,scaled",  # a worker loads these, whatever its own node's environment says
         "OPENRLHF_HOOKS_TRACE": "1",
@@ -158,6 +187,7 @@ def test_k_comes_from_the_launcher_and_epo_applies_its_own_override():
 
 
 def test_trace_switch_prints_every_hook_call_through_pluggys_monitoring(monkeypatch, capsys):
+    monkeypatch.setenv(ENV_PLUGINS, "epo,scaled")  # the suite's selection, named: the lines below list its plugins
     monkeypatch.setenv("OPENRLHF_HOOKS_TRACE", "1")
     registry = load_plugins()
     lines = [line.split("]: ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("openrlhf_hooks trace")]

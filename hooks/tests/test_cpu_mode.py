@@ -165,8 +165,27 @@ def test_ray_resources_cover_the_placement_groups():
               vllm=NS(num_engines=2, tensor_parallel_size=1))  # fmt: skip
     local = cpu_mode.ray_init_kwargs(args, connecting=False)
     assert local["num_gpus"] == 7 and local["num_cpus"] >= 8
-    assert local["runtime_env"] == {"worker_process_setup_hook": "openrlhf_hooks.cpu_mode.activate"}
-    assert cpu_mode.ray_init_kwargs(args, connecting=True) == {"runtime_env": local["runtime_env"]}
+    assert cpu_mode.ray_init_kwargs(args, connecting=True) == {}  # a running cluster has its own resources
+
+
+def test_every_ray_worker_activates_cpu_mode_through_the_launchers_setup_hook(monkeypatch):
+    # one setup hook for CPU mode and the host fixes (Ray takes one), on a local node and on a cluster
+    from types import SimpleNamespace as NS
+
+    from openrlhf_hooks import train_ppo_ray, worker_setup
+
+    args = NS(actor=NS(num_nodes=1, num_gpus_per_node=2), ref=NS(num_nodes=1, num_gpus_per_node=0),
+              critic=NS(num_nodes=1, num_gpus_per_node=0), reward=NS(num_nodes=1),
+              vllm=NS(num_engines=1, tensor_parallel_size=1))  # fmt: skip
+    for connecting in (False, True):
+        kwargs = train_ppo_ray._ray_init_with_worker_setup(True, args, connecting)
+        assert kwargs["runtime_env"] == {"worker_process_setup_hook": worker_setup.HOOK}
+    monkeypatch.setenv(worker_setup.ENV_CPU_MODE, "1")
+    try:
+        worker_setup.run()  # what each worker runs first
+        assert cpu_mode.active()
+    finally:
+        cpu_mode.deactivate()
 
 
 def test_tiny_model_stops_about_a_quarter_of_the_time(tmp_path):

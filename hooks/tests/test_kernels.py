@@ -193,7 +193,7 @@ def test_triton_kernel_under_the_cpu_interpreter():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository (this file is hooks/tests/test_kernels.py)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
     done = subprocess.run(
         [sys.executable, str(root / "tests/support/triton_checks.py")], env=env, capture_output=True, text=True, timeout=600

@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from example_args import example_args
 from host_args import host_args, tiny_host_flags  # installs the flash_attn/vllm stand-ins
 from openrlhf_hooks.steps import RLSteps, RLStepsError, count_prompts, derive_rl_steps, rl_steps
 
-ROOT = Path(__file__).resolve().parents[1]
-SUPPORT = str(Path(__file__).parent / "support")
+SUPPORT = str(Path(__file__).resolve().parents[2] / "tests" / "support")  # the shared helpers (hooks/tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +37,10 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from openrlhf_epo.demo.keydoor_model import build_tokenizer
+    from openrlhf_hooks.testing.tiny_model import build_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = build_tokenizer(path)
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # for --data.apply_chat_template
-    tokenizer.save_pretrained(str(path))
+    build_tokenizer(path)  # the tiny model's tokenizer, saved with its chat template (--data.apply_chat_template)
     return path
 
 
@@ -181,17 +177,17 @@ def test_blended_datasets_are_counted_by_the_host_functions(local_ray, tokenizer
 
 
 def test_grpo_example_shape(local_ray, tokenizer_dir, tmp_path):
-    """examples/train_grpo_epo_agent_ray.sh with 1000 prompts: 63 steps per episode x 20 = 1260 (the
-    host's max_steps / steps-per-update gave 1240)."""
-    env = {"AGENT_FUNC_PATH": "agent.py", "PROMPT_DATA": prompts_file(tmp_path, 1000), "MODEL": str(tokenizer_dir),
-           "SAVE": str(tmp_path / "ckpt")}  # fmt: skip
-    example = example_args("train_grpo_epo_agent_ray.sh", env, tmp_path)
-    assert example[:4] == ["--loss_plugin", "epo", "--epo.preset", "paper-alfworld"]
-    assert derive_rl_steps(host_args(example)).steps == 1260
+    """The shape of examples/train_grpo_epo_agent_ray.sh (rollout batch 16 x 8 samples, train batch
+    128) on 1000 prompts: 63 steps per episode x 20 = 1260 (the host's max_steps / steps-per-update
+    gave 1240). The host flags alone: the example's own command line, which needs the EPO plugin, is
+    counted by the dry run in tests/test_launcher.py."""
+    prompts = prompts_file(tmp_path, 1000)
+    example = ["--data.apply_chat_template", "--train.max_epochs", "1"]  # as the example passes them
+    assert derive_rl_steps(host_args(flags(prompts, *example, "--train.num_episodes", "20", batch=16, n=8))).steps == 1260
     # the host's loop over the same flags with 2 of the 20 episodes (each episode is the same loop;
     # the whole 1260 steps take a minute here): 2 x 63
-    args = host_args([*example, "--train.num_episodes", "2"])
-    assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt) == (16, 8)
+    args = host_args(flags(prompts, *example, "--train.num_episodes", "2", batch=16, n=8))
+    assert (args.rollout.batch_size, args.rollout.n_samples_per_prompt, args.train.batch_size) == (16, 8, 128)
     assert derive_rl_steps(args).steps == sync_fit_calls(args, tokenizer_dir) == 126
 
 

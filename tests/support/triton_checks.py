@@ -1,6 +1,6 @@
 """The Triton kernels under Triton's CPU interpreter (run with TRITON_INTERPRET=1), against float64.
 
-Prints one line per case and exits 1 on the first mismatch. Used by tests/test_kernels.py.
+Prints one line per case and exits 1 on the first mismatch. Used by hooks/tests/test_kernels.py.
 """
 
 import math
