@@ -139,7 +139,7 @@ def test_agent_plays_the_gold_path_for_the_label_and_pays_at_the_end():
     assert [float(s["rewards"]) for s in steps] == [0.0] * (len(plan) - 1) + [1.0]
     assert [s["done"] for s in steps] == [False] * (len(plan) - 1) + [True]
     assert steps[-1]["environment_feedback"] == "" and steps[0]["environment_feedback"].startswith("\n<|im_start|>user\n")
-    assert steps[-1]["extra_logs"] == {"env_success": 1.0, "env_turns": float(len(plan)), "env_invalid_actions": 0.0}
+    assert steps[-1]["extra_logs"] == {"env_success": 1.0, "env_trapped": 0.0, "env_turns": float(len(plan)), "env_invalid_actions": 0.0}
     assert steps[0]["rewards"].dtype == torch.float64  # the host sums the step rewards exactly
 
 
@@ -276,9 +276,10 @@ def test_host_command_is_the_launcher_with_or_without_the_plugin(tmp_path):
 
 def test_host_accepts_the_demo_command(tmp_path):
     """The launcher's own parser and checks take every flag the demo passes (its dry run: no Ray)."""
-    from openrlhf_epo.demo.openrlhf_run import host_command
+    from openrlhf_epo.demo.openrlhf_run import host_command, prepare
 
     for spec in plan(["--out", str(tmp_path), "--quick"]):
+        prepare(spec)  # the model: the launcher reads --probe_words' token ids from its tokenizer
         done = subprocess.run([*host_command(spec), "--plugins_dry_run"], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert done.returncode == 0, done.stderr[-2000:]
 
@@ -329,7 +330,7 @@ def test_default_comparison_and_pure_presets(tmp_path):
     from openrlhf_epo.demo.runner import QUICK
 
     quick = plan(["--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
-    assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20})
+    assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20, "coin": 0.0})
 
 
 def test_smollm2_runs_share_one_converted_model_and_get_the_rules(tmp_path, monkeypatch):

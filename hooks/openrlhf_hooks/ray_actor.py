@@ -16,20 +16,22 @@ import ray
 import torch
 from openrlhf.trainer.ray import ppo_actor
 
+from . import probe
 from .agreement import tensor_as_list
 from .api import RankContext
 from .plugins import get_registry
-from .trainer import STATE_KEY, HookedTrainer, hooks_settings, install
+from .trainer import STATE_KEY, HookedTrainer, dp_all_reduce_sum, hooks_settings, install
 
 HostPolicyModelActor = ppo_actor.PolicyModelActor.__ray_actor_class__
 STATE_LOG_ENV = "OPENRLHF_HOOKS_STATE_LOG"
 
 
 class HookedPolicyModelActor(HostPolicyModelActor):
-    """PolicyModelActor + the loss plugin and rollout processors named in the host's args."""
+    """PolicyModelActor + the loss plugin, rollout processors and reply-start probe named in the host's args."""
 
     hooked: Optional[HookedTrainer] = None
     rollout_processors: tuple = ()
+    probe: Optional[probe.ReplyStartProbe] = None
 
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
         result = super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
@@ -37,6 +39,11 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         settings = hooks_settings(strategy.args) or {}
         registry = get_registry()
         self.rollout_processors = tuple(registry.rollout_processor(n) for n in settings.get("rollout_processors", ()))
+        if settings.get(probe.SETTINGS_KEY):
+            # after the loss plugin: it reads the logits whatever else wraps the forward
+            self.probe = probe.ReplyStartProbe(
+                self.trainer.actor, settings[probe.SETTINGS_KEY]["token_ids"], dp_all_reduce_sum(strategy)
+            )
         self._log_state("start")
         return result
 
@@ -46,12 +53,14 @@ class HookedPolicyModelActor(HostPolicyModelActor):
         return super().append(experience)
 
     def fit(self, kl_ctl: float = 0):
-        if self.hooked is None:
-            return super().fit(kl_ctl)
-        self.hooked.begin_step()
+        if self.hooked is not None:
+            self.hooked.begin_step()
         status = super().fit(kl_ctl)
-        status.update(self.hooked.end_step())
-        self._log_state("step")
+        if self.hooked is not None:
+            status.update(self.hooked.end_step())
+            self._log_state("step")
+        if self.probe is not None:
+            status.update(self.probe.end_step())
         return status
 
     def _log_state(self, event: str) -> None:

@@ -7,6 +7,8 @@ Accepts every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus
   --plugins_dry_run           run all parsing and validation, print one JSON object, exit before Ray
   --cpu                       CPU mode: OpenRLHF's loop on a machine without CUDA (hooks/openrlhf_hooks/cpu_mode.py)
   --host_fixes A,B            opt-in fixes of OpenRLHF bugs (hooks/openrlhf_hooks/host_fixes.py)
+  --probe_words A,B           log the policy's entropy over these words at each reply's first token
+                              and the mass outside them (hooks/openrlhf_hooks/probe.py)
 
 The host's own parser and validation run unchanged (its module is executed as __main__). Two
 seams are used, both in this driver process only: the host's `hierarchize` is observed to get the
@@ -36,7 +38,7 @@ import runpy
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from . import cpu_mode, host_fixes, worker_setup
+from . import cpu_mode, host_fixes, probe, worker_setup
 from .api import PluginConfigError, PluginError
 from .host_imports import HostDependencyUnavailable, host_import_placeholders, missing_dependency_message, missing_package
 from .plugins import Registry, get_registry, worker_env
@@ -88,6 +90,14 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
         help=f"opt-in fixes of OpenRLHF 0.11.2 bugs, off by default: {', '.join(sorted(host_fixes.FIXES))} "
         "(module openrlhf_hooks.host_fixes says what each changes)",
     )
+    group.add_argument(
+        "--probe_words",
+        metavar="A,B",
+        default="",
+        help="the actions, e.g. left,right,take,open: log train/probe/action_entropy (entropy over these words "
+        "at each reply's first token, renormalised) and train/probe/tail_mass (probability outside them) "
+        "every RL step (module openrlhf_hooks.probe)",
+    )
     for name in sorted(registry.loss_plugins):
         plugin = registry.loss_plugins[name]
         plugin.add_arguments(parser.add_argument_group(f"loss plugin {name} {plugin.version} (with --loss_plugin {name})"))
@@ -116,6 +126,12 @@ def resolve(argv: Sequence[str], registry: Registry) -> tuple[Optional[dict], bo
             registry.rollout_processor(processor)
         except PluginError as exc:
             raise LauncherError(f"--rollout_processors: {exc}") from None
+    words = None
+    if namespace.probe_words:
+        try:
+            words = probe.parse_words(namespace.probe_words)
+        except probe.ProbeError as exc:
+            raise LauncherError(str(exc)) from None
     if name:
         try:
             plugin = registry.loss_plugin(name)
@@ -126,8 +142,10 @@ def resolve(argv: Sequence[str], registry: Registry) -> tuple[Optional[dict], bo
         except (PluginError, PluginConfigError) as exc:
             raise LauncherError(str(exc)) from None
         settings = {"loss_plugin": name, "config": config, "rollout_processors": processors}
-    elif processors:
+    elif processors or words:
         settings = {"loss_plugin": None, "config": {}, "rollout_processors": processors}
+    if words:
+        settings[probe.SETTINGS_KEY] = {"words": words}  # token ids once the host's args name the model
     return settings, namespace.plugins_dry_run, host_argv
 
 
@@ -216,6 +234,22 @@ def _ray_init_with_worker_setup(cpu: bool, args: Any, connecting: bool) -> dict:
     return {**extra, "runtime_env": {"worker_process_setup_hook": worker_setup.HOOK}}
 
 
+def _probe_token_ids(args: Any, words: list[str]) -> list[list[int]]:
+    """--probe_words as token ids of the actor's tokenizer (loaded as the host loads it: offline from
+    a local folder, from the hub's cache otherwise)."""
+    from transformers import AutoTokenizer
+
+    model = args.actor.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise LauncherError(f"--probe_words: cannot load the tokenizer of --actor.model_name_or_path {model}: {exc}") from None
+    try:
+        return probe.resolve_word_tokens(words, tokenizer, model)
+    except probe.ProbeError as exc:
+        raise LauncherError(str(exc)) from None
+
+
 def _warn(message: str) -> None:
     print(f"{PROG}: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
@@ -273,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise LauncherError(str(exc)) from None
             if settings is not None:
                 setattr(args, ARGS_KEY, settings)
+            if settings and settings.get(probe.SETTINGS_KEY):
+                settings[probe.SETTINGS_KEY]["token_ids"] = _probe_token_ids(args, settings[probe.SETTINGS_KEY]["words"])
             if plugin is not None:
                 try:
                     plugin.check_host(args, settings["config"])
@@ -289,6 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "host": plugin.host_summary(args) if plugin else {},
                     "plugins": list(registry.selected),
                     "host_fixes": fixes,
+                    "probe": (settings or {}).get(probe.SETTINGS_KEY),
                 }
                 if plugin is not None:
                     report.update(rl_steps=settings["rl_steps"], rl_steps_note=settings["rl_steps_note"])

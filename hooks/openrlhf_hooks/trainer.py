@@ -47,6 +47,26 @@ def dp_all_reduce_sum(strategy: Any):
     return all_reduce_sum
 
 
+def action_rows(
+    sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor, packed: bool, select: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, labels) of the action tokens flagged in `select` [B, A] (a subset of action_mask): the
+    row of the flattened logits that predicts each one, and the token it predicts, in row-major order.
+
+    logits: [B, T, V] (or [1, nnz, V] when the host packs samples); the logit at position t predicts
+    token t + 1, and action a sits at t = T - 1 - A + a."""
+    batch, length = sequences.shape
+    action_len = action_mask.shape[1]
+    positions = torch.arange(length - 1 - action_len, length - 1, device=sequences.device)
+    flat_index = (torch.arange(batch, device=sequences.device)[:, None] * length + positions)[select.bool()]
+    if packed:  # packed rows keep the attention-mask order of the padded batch
+        packed_index = torch.cumsum(attention_mask.flatten().long(), 0) - 1
+        rows = packed_index[flat_index]
+    else:
+        rows = flat_index
+    return rows, sequences.flatten()[flat_index + 1]
+
+
 def action_entropy(
     logits: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor, packed: bool
 ) -> torch.Tensor:
@@ -55,20 +75,10 @@ def action_entropy(
     logits: [B, T, V] (or [1, nnz, V] when the host packs samples), already temperature-scaled by
     the host. The fused kernel reads only the action rows, in place: no copy of the logits.
     """
-    batch, length = sequences.shape
-    action_len = action_mask.shape[1]
     on = action_mask.bool()
-    # the logit at position t predicts token t + 1; action a sits at t = length - 1 - action_len + a
-    positions = torch.arange(length - 1 - action_len, length - 1, device=sequences.device)
-    flat_index = (torch.arange(batch, device=sequences.device)[:, None] * length + positions)[on]
-    if packed:  # packed rows keep the attention-mask order of the padded batch
-        packed_index = torch.cumsum(attention_mask.flatten().long(), 0) - 1
-        rows = packed_index[flat_index]
-    else:
-        rows = flat_index
-    labels = sequences.flatten()[flat_index + 1]
+    rows, labels = action_rows(sequences, attention_mask, action_mask, packed, on)
     entropy, _ = entropy_logprob(logits.reshape(-1, logits.shape[-1]), labels, rows=rows)
-    out = torch.zeros(batch, action_len, dtype=entropy.dtype, device=entropy.device)
+    out = torch.zeros(*action_mask.shape, dtype=entropy.dtype, device=entropy.device)
     return out.masked_scatter(on, entropy)
 
 

@@ -9,6 +9,12 @@ Why it suits EPO: the reward is sparse and delayed over 10+ turns; each turn giv
 success needs exploration in both directions, so a policy whose entropy collapses early onto "always
 walk right" solves only the layouts that lie to its right, while one that never settles wastes turns.
 
+The trap (`coin` > 0): a coin lies in the start room; taking it ends the episode at once with reward
+`coin`, a small sure win next to the far goal's 1.0. Under the model's prior the coin is found often
+and the goal rarely; once every episode of a group takes the coin, the group's rewards are equal,
+its group-normalised advantages are 0 and nothing pushes the policy out: the trap absorbs. An
+entropy term is meant to keep exploring long enough to find the goal first.
+
 Every observation is exactly OBSERVATION_WORDS words and every action one word, so a batch of
 episodes shares one token layout (no padding) under the word-level tokenizer of policy.py.
 """
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 ACTIONS = ("left", "right", "take", "open")
 CONTENTS = ("empty", "key", "door")
+TRAP_CONTENT = "coin"  # a room's content only when the trap is on
 HOLDING = ("nokey", "haskey")
 FEEDBACK = ("start", "moved", "bump", "taken", "nothing", "locked", "opened", "over", "invalid")
 TASK = "find the key then open the door"
@@ -31,6 +38,7 @@ MIN_TURNS = 10
 class KeyDoorConfig:
     rooms: int = 5
     max_turns: int = 0  # 0 = 3 * rooms, at least MIN_TURNS
+    coin: float = 0.0  # the trap's reward (0: no coin); an exact binary fraction (0.25) keeps the host's group_norm exact
 
     def __post_init__(self) -> None:
         if not isinstance(self.rooms, int) or self.rooms < 3:
@@ -39,6 +47,9 @@ class KeyDoorConfig:
             self.max_turns = max(MIN_TURNS, 3 * self.rooms)
         if not isinstance(self.max_turns, int) or self.max_turns < MIN_TURNS:
             raise ValueError(f"--env.max_turns={self.max_turns!r} is invalid: need an integer >= {MIN_TURNS}")
+        if isinstance(self.coin, bool) or not isinstance(self.coin, (int, float)) or not 0 <= self.coin < 1:
+            raise ValueError(f"--env.coin={self.coin!r} is invalid: need a number in [0, 1) (the goal is worth 1)")
+        self.coin = float(self.coin)
 
 
 class KeyDoorEnv:
@@ -49,6 +60,8 @@ class KeyDoorEnv:
         start, key, door = random.Random(seed).sample(range(config.rooms), 3)
         self.position, self.key_room, self.door_room = start, key, door
         self.has_key = False
+        self.coin_room = start if config.coin > 0 else None
+        self.trapped = False  # took the coin
         self.turn = 0
         self.done = False
         self.reward = 0.0
@@ -58,6 +71,8 @@ class KeyDoorEnv:
             content = "door"
         elif self.position == self.key_room and not self.has_key:
             content = "key"
+        elif self.position == self.coin_room:
+            content = TRAP_CONTENT
         else:
             content = "empty"
         return f"{content} {HOLDING[self.has_key]} {feedback} act"
@@ -66,7 +81,8 @@ class KeyDoorEnv:
         return f"{TASK} . " + self._observation("start")
 
     def step(self, action: str) -> tuple[str, float, bool]:
-        """Apply one action word; returns (observation, reward, done). Reward is non-zero only at the end.
+        """Apply one action word; returns (observation, reward, done). Reward is non-zero only at the end:
+        1 for the open door, `coin` for the coin.
         Anything but an action word (a free-text policy can say anything) wastes the turn."""
         if self.done:
             raise RuntimeError("step() after the episode ended")
@@ -80,7 +96,9 @@ class KeyDoorEnv:
             else:
                 feedback = "bump"
         elif action == "take":
-            if self.position == self.key_room and not self.has_key:
+            if self.position == self.coin_room:
+                feedback, self.reward, self.done, self.trapped = "taken", self.config.coin, True, True
+            elif self.position == self.key_room and not self.has_key:
                 self.has_key, feedback = True, "taken"
             else:
                 feedback = "nothing"
@@ -95,9 +113,11 @@ class KeyDoorEnv:
         return self._observation(feedback), self.reward if self.done else 0.0, self.done
 
 
-def vocabulary() -> list[str]:
-    """Every word the environment can say or accept, for training the tokenizer."""
-    words = TASK.split() + ["."] + list(ACTIONS) + list(CONTENTS) + list(HOLDING) + list(FEEDBACK) + ["act"]
+def vocabulary(coin: bool = False) -> list[str]:
+    """Every word the environment can say or accept, for training the tokenizer; `coin`: with the
+    trap's word (left out by default, so the KeyDoor model's tokenizer stays as it was)."""
+    contents = list(CONTENTS) + ([TRAP_CONTENT] if coin else [])
+    words = TASK.split() + ["."] + list(ACTIONS) + contents + list(HOLDING) + list(FEEDBACK) + ["act"]
     return list(dict.fromkeys(words))
 
 

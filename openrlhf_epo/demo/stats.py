@@ -1,6 +1,8 @@
 """Statistics of the demo's runs: per-run diagnostics, per-variant summaries over seeds with 95%
 Student-t intervals, each variant paired with the baseline seed by seed, and the summary and sweep
-tables as text. `plots.py` draws them; `openrlhf-epo plot` and `sweep` print and save them.
+tables as text. `plots.py` draws them; `openrlhf-epo plot` and `sweep` print and save them. For
+`openrlhf-epo study`: per-run results, Student's t computed exactly (the incomplete beta function; no
+scipy), paired comparisons with Holm-Bonferroni adjusted p-values and the study's tables.
 
 Layout read: RUN_DIR/<run>/run.json (its `name` is the variant, `seed` the seed) and
 RUN_DIR/<run>/metrics.jsonl (one object per RL step). A run killed part-way counts what it has.
@@ -12,13 +14,14 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Optional
 
 SMOOTHING = 10  # steps in the success-rate moving average
 FINAL_FRACTION = 0.2  # "final success" = mean success over the last 20% of steps
 START_FRACTION = 0.1  # "start success" = mean success over the first 10% of steps: what learning starts from
 
 
-def _read_rows(run_dir: Path) -> list[dict]:
+def read_rows(run_dir: Path) -> list[dict]:
     metrics = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
 
@@ -28,7 +31,7 @@ def load_runs(out: Path) -> dict[str, list[dict]]:
     variants: dict[str, list[dict]] = {}
     for run_json in sorted(out.glob("*/run.json")):
         spec = json.loads(run_json.read_text())
-        rows = _read_rows(run_json.parent)
+        rows = read_rows(run_json.parent)
         variants.setdefault(spec["name"], []).append({"seed": spec["seed"], "dir": run_json.parent.name, "rows": rows})
     if not variants:
         raise FileNotFoundError(f"no runs under {out} (expected <run>/run.json and <run>/metrics.jsonl)")
@@ -212,7 +215,7 @@ def sweep_points(dirs: list[Path]) -> list[tuple[float, str, list[dict]]]:
     for folder in dirs:
         for run_json in sorted(Path(folder).glob("*/run.json")):
             spec = json.loads(run_json.read_text())
-            rows = _read_rows(run_json.parent)
+            rows = read_rows(run_json.parent)
             if rows and len(rows) >= spec.get("steps", len(rows)):
                 points.setdefault((spec["name"], run_lambda(spec)), []).append(run_diagnostics(rows))
     if not points:
@@ -231,4 +234,234 @@ def sweep_table(points: list[tuple[float, str, list[dict]]]) -> str:
         success, entropy = interval([d["final_success"] for d in found]), interval([d["final_entropy"] for d in found])
         collapsed = sum(d["collapse_step"] is not None for d in found)
         lines.append(f"| {lam:g} | {name} | {len(found)} | {cell(success)} | {cell(entropy)} | {collapsed}/{len(found)} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the study (`openrlhf-epo study`): per-run results, exact Student t, paired comparisons, Holm --------
+
+TRAP_COLLAPSE_RATE = 0.8  # a run "fell into the trap" from the first step after which its trap rate stays this high
+SIGNIFICANCE = 0.05  # the pre-registered level for the Holm-adjusted p-values
+RESULT_COLUMNS = (
+    "arm", "seed", "steps", "goal_final", "goal_auc", "trap_final", "action_entropy_final", "tail_mass_final",
+    "entropy_final", "trap_collapse_step",
+)  # fmt: skip
+SUMMARY_COLUMNS = ("goal_final", "goal_auc", "trap_final", "action_entropy_final", "tail_mass_final", "entropy_final")
+# a results.csv column <- the metrics.jsonl field whose last-20% mean it is
+FINAL_COLUMNS = {
+    "goal_final": "success_rate",
+    "trap_final": "trap_rate",
+    "action_entropy_final": "action_entropy",
+    "tail_mass_final": "tail_mass",
+    "entropy_final": "entropy",
+}
+
+
+def _mean_or_none(values: list[float]) -> Optional[float]:
+    return statistics.fmean(values) if values else None
+
+
+def trap_collapse_step(rows: list[dict]) -> Optional[int]:
+    """The first step from which the trap rate stays >= TRAP_COLLAPSE_RATE to the run's end; None if
+    the last logged trap rate is below it (or the run logged none)."""
+    collapse = None
+    for step, rate in reversed(list(zip(*series(rows, "trap_rate")))):
+        if rate < TRAP_COLLAPSE_RATE:
+            break
+        collapse = step
+    return collapse
+
+
+def run_results(rows: list[dict]) -> dict:
+    """One results.csv row's numbers for a run's metrics rows: the last-20% mean of each FINAL_COLUMNS
+    field, the goal's mean over all steps (its AUC per step) and the trap collapse step. A field the
+    run never logged (a run without the probe, a task without the trap) gives None."""
+    tail = rows[-max(1, math.ceil(FINAL_FRACTION * len(rows))) :]
+    results = {column: _mean_or_none(series(tail, field)[1]) for column, field in FINAL_COLUMNS.items()}
+    return {**results, "steps": len(rows), "goal_auc": _mean_or_none(series(rows, "success_rate")[1]),
+            "trap_collapse_step": trap_collapse_step(rows)}  # fmt: skip
+
+
+def step_band(runs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per step over the runs (seeds) that logged `key` there: steps, mean, lowest and highest value."""
+    by_step: dict[int, list[float]] = {}
+    for rows in runs:
+        for step, value in zip(*series(rows, key)):
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    return (steps, [statistics.fmean(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
+            [max(by_step[s]) for s in steps])  # fmt: skip
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function, by the modified Lentz method; it
+    converges fast for x < (a + 1) / (a + b + 2)."""
+    floor = 1e-300  # keeps a partial denominator off zero
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > floor else floor)
+    fraction = d
+    for m in range(1, 10_000):
+        # the even step, then the odd step, of the fraction's terms
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > floor else floor)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > floor else floor
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            return fraction
+    raise ArithmeticError(f"the incomplete beta fraction did not converge for a={a}, b={b}, x={x}")
+
+
+def incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), for a, b > 0 and x in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta(a, b))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b  # the symmetry I_x(a, b) = 1 - I_{1-x}(b, a)
+
+
+def student_t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    return incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    tail = student_t_two_sided_p(t, df) / 2.0
+    return 1.0 - tail if t > 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with df degrees of freedom, to about 1e-12 (bisection on student_t_cdf)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < p:
+        high *= 2.0
+    while high - low > 1e-12 * high:
+        middle = (low + high) / 2.0
+        if student_t_cdf(middle, df) < p:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2.0
+
+
+def paired_difference(treatment: dict[int, float], control: dict[int, float]) -> dict:
+    """treatment - control over the seeds both have (each seed's runs share the model and layouts, so
+    the pairing removes what the seed decides): the mean difference, its 95% paired-t interval and the
+    two-sided p-value of "no difference". Under 2 seeds the interval, t and p are None. All-equal
+    differences have no spread: p is 0 for a non-zero difference (1 for zero) and t None."""
+    seeds = sorted(set(treatment) & set(control))
+    differences = [treatment[seed] - control[seed] for seed in seeds]
+    found = {"seeds": seeds, "n": len(seeds), "mean_difference": _mean_or_none(differences), "ci95": None, "t": None, "df": None, "p": None}
+    if len(differences) < 2:
+        return found
+    mean, df = statistics.fmean(differences), len(differences) - 1
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    half = student_t_quantile(0.975, df) * error
+    found.update(ci95=[mean - half, mean + half], df=df)
+    if error == 0:
+        found["p"] = 0.0 if mean != 0 else 1.0
+    else:
+        found.update(t=mean / error, p=student_t_two_sided_p(mean / error, df))
+    return found
+
+
+def holm(p_values: list[Optional[float]]) -> list[Optional[float]]:
+    """Holm-Bonferroni adjusted p-values, in the given order, over the p-values that exist (None stays
+    None: a comparison without a test is not one of the m tested): the k-th smallest is multiplied by
+    m - k + 1, capped at 1 and kept at least as large as the one before it."""
+    ranked = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[Optional[float]] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def compare(per_arm: dict[str, dict[int, float]], pairs: list[tuple[str, str]], min_effect: float) -> list[dict]:
+    """The pre-registered decision rule for each (treatment, control) pair over `per_arm` (arm -> seed ->
+    final goal success): paired_difference, the Holm-adjusted p over all pairs, and the verdict: "pass"
+    when the mean difference >= min_effect, Holm p < SIGNIFICANCE and the 95% interval excludes 0;
+    "too few seeds" under 2 paired seeds; else "fail"."""
+    found = [{"treatment": a, "control": b, **paired_difference(per_arm.get(a, {}), per_arm.get(b, {}))} for a, b in pairs]
+    for item, adjusted in zip(found, holm([item["p"] for item in found])):
+        item["p_holm"] = adjusted
+        if item["ci95"] is None:
+            item["verdict"] = "too few seeds"
+            continue
+        low, high = item["ci95"]
+        passes = item["mean_difference"] >= min_effect and adjusted < SIGNIFICANCE and (low > 0 or high < 0)
+        item["verdict"] = "pass" if passes else "fail"
+    return found
+
+
+def study_summary(results: list[dict], arms: list[str], pairs: list[tuple[str, str]], min_effect: float) -> dict:
+    """study.json: per arm (in `arms` order) the mean and 95% interval over seeds of every results
+    column, and the trapped runs; the comparisons of `compare` on the final goal success."""
+    summary: dict = {"arms": {}, "min_effect": min_effect, "significance": SIGNIFICANCE, "metric": "goal_final"}
+    for arm in arms:
+        rows = [row for row in results if row["arm"] == arm]
+        collapses = [row["trap_collapse_step"] for row in rows]
+        summary["arms"][arm] = {
+            "seeds": [row["seed"] for row in rows],
+            **{column: interval([row[column] for row in rows]) for column in SUMMARY_COLUMNS},
+            "trapped_runs": sum(step is not None for step in collapses),
+            "trap_collapse_steps": collapses,
+        }
+    per_arm = {arm: {row["seed"]: row["goal_final"] for row in results if row["arm"] == arm} for arm in arms}
+    summary["comparisons"] = compare(per_arm, pairs, min_effect)
+    return summary
+
+
+def study_table(summary: dict, name: str) -> str:
+    """study.json as markdown: the arms, then the comparisons."""
+
+    def cell(stat: dict) -> str:
+        if stat["mean"] is None:
+            return "-"
+        return f"{stat['mean']:.3f}" if stat["ci95"] is None else f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
+
+    def number(value: Optional[float], form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    lines = [
+        f"Study {name}. Mean over seeds ± the 95% t-interval half-width; final: the last {FINAL_FRACTION:.0%} of steps; "
+        f"goal AUC: the goal success over all steps; trapped: runs whose trap rate stays >= {TRAP_COLLAPSE_RATE} to the end.",
+        "",
+        "| arm | runs | goal final | goal AUC | trap final | action entropy | tail mass | token entropy | trapped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, item in summary["arms"].items():
+        lines.append(
+            f"| {arm} | {len(item['seeds'])} | {cell(item['goal_final'])} | {cell(item['goal_auc'])} | {cell(item['trap_final'])} | "
+            f"{cell(item['action_entropy_final'])} | {cell(item['tail_mass_final'])} | {cell(item['entropy_final'])} | "
+            f"{item['trapped_runs']}/{len(item['seeds'])} |"
+        )
+    if summary["comparisons"]:
+        lines += [
+            "",
+            f"Comparisons: final goal success, treatment - control paired by seed; pass: difference >= {summary['min_effect']:g}, "
+            f"Holm-adjusted p < {summary['significance']:g} and the 95% interval excludes 0.",
+            "",
+            "| comparison | seeds | difference | 95% interval | p | p (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for item in summary["comparisons"]:
+            ci = "-" if item["ci95"] is None else f"[{item['ci95'][0]:+.3f}, {item['ci95'][1]:+.3f}]"
+            lines.append(
+                f"| {item['treatment']} - {item['control']} | {item['n']} | {number(item['mean_difference'], '+.3f')} | {ci} | "
+                f"{number(item['p'], '.4f')} | {number(item['p_holm'], '.4f')} | {item['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
