@@ -30,9 +30,11 @@ def build_parser(plugin_flags: bool = True) -> argparse.ArgumentParser:
         "demo",
         help="train a small agent on CPU through OpenRLHF's loop, baseline versus EPO, and plot entropy and success",
         description="Runs OpenRLHF's own PPO loop in CPU mode (python -m openrlhf_hooks.train_ppo_ray --cpu) on "
-        "KeyDoor, a multi-turn environment with a sparse final reward, with a tiny model built locally: a "
-        "baseline (group-normalised advantages, no entropy term) and the same command with --loss_plugin epo, "
-        "for each preset and seed. Environment knobs: --env.rooms N (default 4), --env.max_turns N (default 20).",
+        "a multi-turn task with a sparse final reward, with a model built locally: a baseline (group-normalised "
+        "advantages, no entropy term) and the same command with --loss_plugin epo, for each variant and seed. "
+        "The default task is the trap (a coin worth 0.25 in the start room ends the episode, the door across 6 rooms "
+        "pays 1) with an 8192-token model; --task keydoor is the plain key-and-door game. Environment knobs: "
+        "--env.rooms N, --env.max_turns N, --env.coin R (each task's defaults in docs/demo.md).",
     )
     demo.set_defaults(command_parser=demo)
     runner.add_arguments(demo, plugin_flags)

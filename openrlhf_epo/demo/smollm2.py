@@ -22,6 +22,8 @@ INSTRUCTIONS = (
     "Each observation says what is in your room (empty, key or door), whether you hold the key "
     "(nokey or haskey) and what your last action did. Reply with exactly one word: left, right, take or open."
 )
+# told on the trap task only: what the coin is and what taking it costs
+TRAP_INSTRUCTIONS = " A coin lies where you start: taking it ends the game at once with a small reward instead of the full one."
 
 
 def gguf_file() -> Path:

@@ -417,7 +417,8 @@ def study_summary(results: list[dict], arms: list[str], pairs: list[tuple[str, s
         summary["arms"][arm] = {
             "seeds": [row["seed"] for row in rows],
             **{column: interval([row[column] for row in rows]) for column in SUMMARY_COLUMNS},
-            "trapped_runs": sum(step is not None for step in collapses),
+            # the pre-registered definition (docs/evidence/trap-study.md): trap rate >= 0.8 over the last 20% of steps
+            "trapped_runs": sum(row["trap_final"] is not None and row["trap_final"] >= TRAP_COLLAPSE_RATE for row in rows),
             "trap_collapse_steps": collapses,
         }
     per_arm = {arm: {row["seed"]: row["goal_final"] for row in results if row["arm"] == arm} for arm in arms}
@@ -438,7 +439,7 @@ def study_table(summary: dict, name: str) -> str:
 
     lines = [
         f"Study {name}. Mean over seeds ± the 95% t-interval half-width; final: the last {FINAL_FRACTION:.0%} of steps; "
-        f"goal AUC: the goal success over all steps; trapped: runs whose trap rate stays >= {TRAP_COLLAPSE_RATE} to the end.",
+        f"goal AUC: the goal success over all steps; trapped: runs whose trap rate over the last 20% of steps is >= {TRAP_COLLAPSE_RATE}.",
         "",
         "| arm | runs | goal final | goal AUC | trap final | action entropy | tail mass | token entropy | trapped |",
         "|---|---|---|---|---|---|---|---|---|",

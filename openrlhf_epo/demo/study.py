@@ -136,7 +136,7 @@ def _env(value: Any) -> dict:
         if key not in allowed:
             raise StudyConfigError(f"env.{key}: unknown key; KeyDoor takes {', '.join(allowed)}")
     try:
-        return dataclasses.asdict(KeyDoorConfig(**{**runner.DEMO_ENV, **env}))
+        return dataclasses.asdict(KeyDoorConfig(**{**runner.TASK_ENV["trap"], **env}))
     except (TypeError, ValueError) as exc:
         raise StudyConfigError(str(exc).replace("--env.", "env.")) from None
 
@@ -252,7 +252,7 @@ def plan_study(config: dict, default_name: str, out: Optional[Path] = None) -> t
         if key not in CONFIG_KEYS:
             raise StudyConfigError(f"unknown key {key!r}; a study config takes {', '.join(CONFIG_KEYS)}")
     name = _name("name", config.get("name", default_name))
-    model = _model(config.get("model", "tiny"))
+    model = _model(config.get("model", runner.TASK_MODEL["trap"]))  # the default env is the trap task's too
     env = _env(config.get("env", {}))
     sizes = _sizes(config.get("sizes", {}))
     host_fixes = _host_fixes(config.get("host_fixes", []))
@@ -276,7 +276,7 @@ def plan_study(config: dict, default_name: str, out: Optional[Path] = None) -> t
     for arm, epo_flags in arms.items():
         for seed in seeds:
             # SmolLM2 is converted once for all seeds; the models built here are built per seed
-            model_dir = study.out / ("model-smollm2" if model == "smollm2" else f"model-{model}-s{seed}")
+            model_dir = study.out / runner.model_dir_name(model, seed)
             specs.append(
                 RunSpec(
                     name=arm, run_dir=str(study.run_dir(arm, seed)), seed=seed, steps=sizes["steps"], model_dir=str(model_dir),
