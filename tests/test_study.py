@@ -489,7 +489,7 @@ def test_plot_draws_any_openrlhf_tensorboard_folder(tmp_path, capsys):
     write_events(logs / "ppo_0101T11:00", {"train/env_success": [(3, 0.4)], "train/env_trapped": [(3, 1.0)]})
     assert main(["plot", str(logs)]) == 0
     written = {Path(line).name for line in capsys.readouterr().out.splitlines()}
-    assert written == {"goal.png", "trap.png", "action_entropy.png", "entropy.png"}  # no tail_mass tag
+    assert written == {"goal.png", "trap.png", "action_entropy.png", "entropy.png"}  # no tail_mass or reward tag
     assert all((logs / name).read_bytes()[:8] == PNG for name in written)
 
     empty = tmp_path / "empty"
@@ -497,10 +497,14 @@ def test_plot_draws_any_openrlhf_tensorboard_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         main(["plot", str(empty)])
     assert failed.value.code == 2 and "nothing to plot under" in last_error(capsys)
-    write_events(tmp_path / "no-success", {"train/reward": [(1, 0.3)]})
+    # another environment's run (no env_success): its reward and entropy still get their pictures
+    write_events(tmp_path / "other-env", {"train/reward": [(1, 0.3), (2, 0.5)], "train/entropy_loss": [(2, 1.0)]})
+    assert main(["plot", str(tmp_path / "other-env")]) == 0
+    assert {Path(line).name for line in capsys.readouterr().out.splitlines()} == {"reward.png", "entropy.png"}
+    write_events(tmp_path / "unknown-tags", {"train/foo": [(1, 0.3)]})
     with pytest.raises(SystemExit):
-        main(["plot", str(tmp_path / "no-success")])
-    assert "hold no train/env_success scalars" in last_error(capsys)
+        main(["plot", str(tmp_path / "unknown-tags")])
+    assert "hold none of the tags" in last_error(capsys)
 
 
 # -- end to end: OpenRLHF's whole loop ----------------------------------------------------------

@@ -178,8 +178,9 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def metric_rows(scalars: dict[str, dict[int, float]]) -> list[dict]:
-    """One metrics.jsonl row per RL step the host logged (TensorBoard step 1 is row step 0)."""
-    steps = sorted(scalars.get("train/env_success", {}))
+    """One metrics.jsonl row per RL step the host logged any of TAGS at (TensorBoard step 1 is row
+    step 0): a run of another environment (no env_success) still gets its rows."""
+    steps = sorted(set().union(*(scalars.get(tag, {}) for tag in TAGS.values())))
     rows = []
     for step in steps:
         row: dict = {key: None for key in METRIC_FIELDS}

@@ -17,6 +17,7 @@ DEMO_DECISION_PICTURES = ("trap.png", "action_entropy.png", "tail_mass.png")  # 
 ARM_PICTURES = (
     ("goal.png", "success_rate", "goal success rate (the door opened)", (-0.02, 1.02)),
     ("trap.png", "trap_rate", "trap rate (took the coin)", (-0.02, 1.02)),
+    ("reward.png", "mean_return", "mean episode reward (the host's train/reward)", None),
     ("action_entropy.png", "action_entropy", "entropy over the actions at a reply's first token (nats)", None),
     ("tail_mass.png", "tail_mass", "probability outside the actions at a reply's first token", None),
     ("entropy.png", "entropy", "policy entropy, the host's token mean (nats)", None),
@@ -194,5 +195,5 @@ def plot_tensorboard(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"no TensorBoard files (events.out.tfevents.*) under {folder}")
     rows = metric_rows(read_scalars(folder))
     if not rows:
-        raise FileNotFoundError(f"the TensorBoard files under {folder} hold no {TAGS['success_rate']} scalars (its steps)")
+        raise FileNotFoundError(f"the TensorBoard files under {folder} hold none of the tags {', '.join(sorted(TAGS.values()))}")
     return plot_arms({folder.resolve().name: [rows]}, folder, folder.resolve().name)
