@@ -62,6 +62,7 @@ def test_third_party_plugin_is_selected_through_its_entry_point(capsys):
         "config": {"factor": 2.5},
         "rollout_processors": [],
         "host_fixes": [],
+        "probe": None,  # no --probe_words
         "host": {"actor.policy_loss_type": "ppo"},
         "plugins": ["epo", "scaled"],  # the suite's selection (tests/conftest.py), not all that is installed
         "rl_steps": None,
