@@ -58,18 +58,24 @@ def build_tokenizer(path: Path):
     return loaded
 
 
+def build_with_prior(path: Path, tokenizer, seed: int, action_probability: float, stop_at_reply_start: float, stop_after_token: float):
+    """The random model for `tokenizer` with the KeyDoor prior: each action word (with its leading
+    space) at a reply's first token with `action_probability`, the stop token there with
+    `stop_at_reply_start`, and after any other token with `stop_after_token`."""
+    # the words with their leading space: a position-free prior on the bare words would glue a reply's
+    # words together ("takeright"); with the space the reply reads " take right"
+    prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: action_probability for word in ACTIONS}
+    prior[tokenizer.eos_token_id] = stop_at_reply_start
+    # the base prior holds after the newline token, which ends every user turn ("assistant\n"), so at
+    # a reply's first token; after any other token the stop token has stop_after_token
+    reply_start = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"][-1]
+    after_token = (sorted(set(range(len(tokenizer))) - {reply_start}), {tokenizer.eos_token_id: stop_after_token})
+    build_model(path, tokenizer, seed, prior, after_token, unit_embeddings=True)
+
+
 def build(path: str | Path, seed: int = 0) -> Path:
     """Write the tokenizer and the model to `path` (created if needed); returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
-    # the words with their leading space: a position-free prior on the bare words would glue a reply's
-    # words together ("takeright"); with the space the reply reads " take right"
-    prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: ACTION_PROBABILITY for word in ACTIONS}
-    prior[tokenizer.eos_token_id] = STOP_AT_REPLY_START
-    # the base prior holds after the newline token, which ends every user turn ("assistant\n"), so at
-    # a reply's first token; after any other token the stop token has STOP_AFTER_TOKEN
-    reply_start = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"][-1]
-    after_token = (sorted(set(range(len(tokenizer))) - {reply_start}), {tokenizer.eos_token_id: STOP_AFTER_TOKEN})
-    build_model(path, tokenizer, seed, prior, after_token, unit_embeddings=True)
+    build_with_prior(path, build_tokenizer(path), seed, ACTION_PROBABILITY, STOP_AT_REPLY_START, STOP_AFTER_TOKEN)
     return path

@@ -36,9 +36,10 @@ import os
 import sysconfig
 from pathlib import Path
 
-from openrlhf_hooks.testing.tiny_model import CHAT_TEMPLATE, END_OF_TEXT, IM_END, IM_START, build_model
+from openrlhf_hooks.testing.tiny_model import CHAT_TEMPLATE, END_OF_TEXT, IM_END, IM_START
 
 from .env import ACTIONS, vocabulary
+from .keydoor_model import build_with_prior
 
 VOCAB_SIZE = 8192
 ACTION_MASS = 0.99  # the 4 action words together at a reply's first token; the rest is the tail
@@ -121,13 +122,5 @@ def build(path: str | Path, seed: int = 0) -> Path:
     """Write the tokenizer and the model to `path` (created if needed); returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
-    # the action words with their leading space, as a reply after "assistant\n" reads (" take")
-    prior = {tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0]: ACTION_PROBABILITY for word in ACTIONS}
-    prior[tokenizer.eos_token_id] = STOP_AT_REPLY_START
-    # the base prior holds after the newline that ends every user turn, so at a reply's first token;
-    # every other token triggers the stop prior
-    reply_start = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"][-1]
-    after_token = (sorted(set(range(len(tokenizer))) - {reply_start}), {tokenizer.eos_token_id: STOP_AFTER_TOKEN})
-    build_model(path, tokenizer, seed, prior, after_token, unit_embeddings=True)
+    build_with_prior(path, build_tokenizer(path), seed, ACTION_PROBABILITY, STOP_AT_REPLY_START, STOP_AFTER_TOKEN)
     return path
