@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from openrlhf_epo.cli import main
 from openrlhf_epo.demo.env import ACTIONS, MIN_TURNS, OBSERVATION_WORDS, KeyDoorConfig, KeyDoorEnv, solve, vocabulary
@@ -337,22 +338,27 @@ def test_metrics_come_from_the_host_tensorboard_files_and_a_resume_replaces_rows
 # -- the command ---------------------------------------------------------------------------------
 
 
-def test_the_trap_task_is_the_default_with_the_bonus_only_control(tmp_path):
+def test_the_trap_task_is_the_default_at_the_studys_setting(tmp_path):
     from openrlhf_epo.demo.runner import TRAP_LAMBDA
 
+    # the trap study's rule picked two-sided at its calibrated lambda (docs/evidence/trap-study.md)
+    study_arms = yaml.safe_load((REPO / "configs" / "study" / "trap.yaml").read_text())["arms"]
+    assert float(TRAP_LAMBDA) == study_arms["two-sided"]["lambda_entropy"] and study_arms["two-sided"]["preset"] == "two-sided"
     default = plan(["--out", str(tmp_path / "a")])
-    assert [s.name for s in default] == ["baseline", "bonus-only", "epo-two-sided"]
+    assert [s.name for s in default] == ["baseline", "epo-two-sided"]
     assert {s.model for s in default} == {"realistic"} and default[0].env == {"rooms": 6, "max_turns": 18, "coin": 0.25}
-    assert default[1].epo_flags == {"preset": "paper-sciworld", "alpha": "0", "lambda_entropy": TRAP_LAMBDA}
-    assert default[2].epo_flags == {"lambda_entropy": TRAP_LAMBDA, "preset": "two-sided"}
-    assert default[0].model_dir == default[2].model_dir == str(tmp_path / "a" / "model-realistic-s0")
-    quick = plan(["--out", str(tmp_path / "q"), "--quick"])  # the bonus-only control where it fits
-    assert [s.name for s in quick] == ["baseline", "epo-two-sided"]
-    # the user's lambda is the bonus-only control's too; --no-bonus_only leaves it out
-    tuned = plan(["--out", str(tmp_path / "t"), "--epo.lambda_entropy", "0.1", "--presets", "paper-sciworld"])
+    assert default[0].epo_flags is None and default[1].epo_flags == {"lambda_entropy": "0.003", "preset": "two-sided"}
+    assert default[0].model_dir == default[1].model_dir == str(tmp_path / "a" / "model-realistic-s0")
+    assert default[0].steps == 40
+    quick = plan(["--out", str(tmp_path / "q"), "--quick"])
+    assert [s.name for s in quick] == ["baseline", "epo-two-sided"] and quick[1].steps == 4
+    # the bonus-only control on request, at the first EPO variant's lambda, the user's included
+    control = plan(["--out", str(tmp_path / "c"), "--bonus_only"])
+    assert [s.name for s in control] == ["baseline", "bonus-only", "epo-two-sided"]
+    assert control[1].epo_flags == {"preset": "paper-sciworld", "alpha": "0", "lambda_entropy": TRAP_LAMBDA}
+    tuned = plan(["--out", str(tmp_path / "t"), "--epo.lambda_entropy", "0.1", "--presets", "paper-sciworld", "--bonus_only"])
     assert [s.name for s in tuned] == ["baseline", "bonus-only", "epo-paper-sciworld-lambda_entropy-0.1"]
     assert tuned[1].epo_flags["lambda_entropy"] == "0.1"
-    assert [s.name for s in plan(["--out", str(tmp_path / "n"), "--no-bonus_only"])] == ["baseline", "epo-two-sided"]
     keydoor = plan(["--out", str(tmp_path / "k"), "--task", "keydoor", "--bonus_only"])
     assert [s.name for s in keydoor] == ["baseline", "bonus-only", "epo-paper-sciworld"] and keydoor[0].model == "tiny"
     assert keydoor[1].epo_flags["lambda_entropy"] == "0.001"  # paper-sciworld's own

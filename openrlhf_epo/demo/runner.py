@@ -23,15 +23,16 @@ from typing import Optional, Sequence
 # Sized so that the baseline learns within the default budget on 2 cores (README "CPU demo").
 SIZES = {"steps": 80, "groups": 8, "group_size": 8, "lr": 1e-3, "ppo_epochs": 2, "minibatches": 2}
 QUICK = {"steps": 4, "groups": 2}  # within 4 minutes on 2 cores, start-ups (~2.5 min for two runs at once) included
-TASK_SIZES = {"trap": {"steps": 40}, "keydoor": {}}  # the trap study's length, which fits the default in ~20 minutes
+TASK_SIZES = {"trap": {"steps": 40}, "keydoor": {}}  # the trap study's length: the default took ~12 minutes on 2 cores
 # each task's environment (KeyDoor's own defaults are 5 rooms and 15 turns) and model
 TASK_ENV = {"trap": {"rooms": 6, "max_turns": 18, "coin": 0.25}, "keydoor": {"rooms": 4, "max_turns": 20, "coin": 0.0}}
 TASK_MODEL = {"trap": "realistic", "keydoor": "tiny"}
 # The trap task's EPO variant when no --presets are given, and the lambda of every EPO variant there
-# when no --epo.lambda_entropy or --epo.config is: PROVISIONAL until the pre-registered study
-# (docs/evidence/trap-study.md) has calibrated it. KeyDoor keeps the default preset at its own lambda.
+# when no --epo.lambda_entropy or --epo.config is. Chosen by the trap study's pre-registered rule
+# (docs/evidence/trap-study.md): no arm beat the baseline, so the arm that kept the policy valid best
+# (lowest tail mass) at its calibrated lambda. KeyDoor keeps the default preset at its own lambda.
 TRAP_PRESET = "two-sided"
-TRAP_LAMBDA = "0.03"
+TRAP_LAMBDA = "0.003"
 BONUS_ONLY = "bonus-only"  # the control: the first variant's bonus at its lambda, with no corridor (alpha 0)
 # context budget per KeyDoor turn: a reply and the next observation (the tiny and realistic models:
 # ~2 + 13 tokens; SmolLM2's tokenizer: ~3 + 15, and its instructions take about 80 more once)
@@ -99,10 +100,9 @@ def add_arguments(demo: argparse.ArgumentParser, plugin_flags: bool) -> None:
     )
     demo.add_argument(
         "--bonus_only",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        action="store_true",
         help="also run the bonus-only control: the first EPO variant's lambda with alpha 0 (paper-sciworld's bonus, "
-        "no corridor), which isolates what the corridor does (default: on for the trap task, off with --quick and on keydoor)",
+        "no corridor), which isolates what the corridor does; on the trap task it adds about 15-30 minutes on 2 cores",
     )
     demo.add_argument("--no_baseline", action="store_true", help="run only the EPO variants")
     demo.add_argument("--nproc", type=_positive("--nproc"), default=1, help="training ranks (and vLLM engines) per run")
@@ -210,8 +210,7 @@ def plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser, env: di
         epo_flags = {**given, "preset": preset}
         suffix = "".join(f"-{field}-{value}" for field, value in overridden)
         variants.append((f"epo-{preset}{suffix}", epo_flags))
-    bonus_only = args.bonus_only if args.bonus_only is not None else (args.task == "trap" and not args.quick)
-    if bonus_only:
+    if args.bonus_only:
         first = plugin.resolve_config({**flags, **given, "preset": variants[-len(names)][1]["preset"]})
         variants.insert(len(variants) - len(names), (BONUS_ONLY, {"preset": "paper-sciworld", "alpha": "0", "lambda_entropy": str(first["lambda_entropy"])}))
     if not variants:
